@@ -1,0 +1,1 @@
+"""msif.report."""
