@@ -1,0 +1,346 @@
+"""Curvature factors: statistics kept as sums with counts, the damped inverse, and the store on disk.
+
+For a block (rows ``r`` of a tracked module's ``(out, in_dim)`` matrix) the GGN block ``G_W`` of the
+dataset loss ``L = (1/N) Σ_n ℓ(z_n)`` is approximated as follows (PAPER_NOTES §2):
+
+* ``A = A_sum / n_tokens`` (token mean of ``a aᵀ``, shared by the module's blocks),
+  ``S = S_sum / n_tokens`` (token mean of ``s sᵀ`` over the block's rows);
+* ``A = Q_A diag(eig_A) Q_Aᵀ``, ``S = Q_S diag(eig_S) Q_Sᵀ`` (float64 ``eigh``);
+* EK-FAC: ``Λ = lambda_sum / n_examples``, the mean over sequences of ``(Q_Sᵀ DW_n Q_A)²``;
+* K-FAC: ``Λ = (n_tokens / n_examples) · eig_S eig_Aᵀ`` (rescaled to the same GGN scale);
+* diagonal: ``Λ = diag_sum / n_examples`` (mean of ``DW_n²``) in the identity basis;
+* identity: no curvature; preconditioning returns the vector unchanged (gradient dot product).
+
+The damped inverse-HVP of ``V`` (shaped like the block) is
+``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ``. Damping is applied on the fly: loaded factors are never
+modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..models.adapters import Block, TrackedModule
+
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+FORMAT_VERSION = 1
+TENSOR_FILE = "factors.safetensors"
+META_FILE = "factors.json"
+
+
+class FactorError(ValueError):
+    """Factors that cannot be used: corrupt, truncated, or fitted on another model."""
+
+
+@dataclass(frozen=True)
+class Damping:
+    """Damping ``λ``: absolute, or relative (a multiple of the mean eigenvalue ``mean(Λ)`` over all blocks)."""
+
+    value: float
+    relative: bool = False
+
+    @staticmethod
+    def parse(x: "float | str | Damping") -> "Damping":
+        """``0.01`` → absolute; ``"0.1x"`` or ``"rel:0.1"`` → relative to the mean eigenvalue."""
+        if isinstance(x, Damping):
+            return x
+        if isinstance(x, str):
+            s = x.strip().lower()
+            if s.endswith("x"):
+                return Damping(float(s[:-1]), True)
+            if s.startswith("rel:"):
+                return Damping(float(s[4:]), True)
+            return Damping(float(s), False)
+        return Damping(float(x), False)
+
+    def __post_init__(self):
+        if not (self.value >= 0) or self.value != self.value or self.value == float("inf"):
+            raise ValueError(f"damping must be a finite number ≥ 0, not {self.value}")
+
+
+@dataclass
+class BlockStats:
+    """Sums and counts for one block (mergeable by addition)."""
+
+    S_sum: torch.Tensor | None = None  # (out_b, out_b)
+    lambda_sum: torch.Tensor | None = None  # (out_b, in_dim): EK-FAC or diagonal sums
+
+
+@dataclass
+class FactorSet:
+    """Fitted factors for a model: sums and counts, plus the eigendecompositions derived from them.
+
+    ``modules`` maps module name → its :class:`TrackedModule`; ``A_sum`` module name → ``(in_dim, in_dim)``;
+    ``blocks`` block name → :class:`Block`; ``stats`` block name → :class:`BlockStats`.
+    Eigenvectors/values are filled by :meth:`eigendecompose`.
+    """
+
+    strategy: str
+    modules: dict[str, TrackedModule]
+    blocks: dict[str, Block]
+    A_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, BlockStats] = field(default_factory=dict)
+    n_tokens: int = 0  # tokens seen by the covariance pass
+    n_examples_cov: int = 0  # sequences seen by the covariance pass
+    n_examples_lambda: int = 0  # sequences seen by the eigenvalue-correction / diagonal pass
+    meta: dict = field(default_factory=dict)
+    QA: dict[str, torch.Tensor] = field(default_factory=dict)
+    eigA: dict[str, torch.Tensor] = field(default_factory=dict)
+    QS: dict[str, torch.Tensor] = field(default_factory=dict)
+    eigS: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------------------------- math
+    def eigendecompose(self) -> None:
+        """Eigendecompose ``A`` and ``S`` in float64 (needs the covariance pass)."""
+        if self.n_tokens <= 0:
+            raise FactorError("no tokens were seen by the covariance pass; cannot eigendecompose")
+        for m, A in self.A_sum.items():
+            ev, Q = torch.linalg.eigh(A.double() / self.n_tokens)
+            self.eigA[m], self.QA[m] = ev.clamp_min(0.0).contiguous(), Q.contiguous()
+        for b, st in self.stats.items():
+            if st.S_sum is not None:
+                ev, Q = torch.linalg.eigh(st.S_sum.double() / self.n_tokens)
+                self.eigS[b], self.QS[b] = ev.clamp_min(0.0).contiguous(), Q.contiguous()
+
+    def lambdas(self, block: str) -> torch.Tensor:
+        """The diagonal ``Λ`` ``(out_b, in_dim)`` of the block in its eigenbasis (a new tensor)."""
+        b = self.blocks[block]
+        if self.strategy == "ekfac" or self.strategy == "diagonal":
+            if self.n_examples_lambda <= 0:
+                raise FactorError("no examples were seen by the eigenvalue-correction pass")
+            return self.stats[block].lambda_sum.double() / self.n_examples_lambda
+        if self.strategy == "kfac":
+            scale = self.n_tokens / self.n_examples_cov
+            return scale * torch.outer(self.eigS[block], self.eigA[b.module])
+        raise FactorError(f"strategy {self.strategy!r} has no eigenvalues")
+
+    def mean_eigenvalue(self) -> float:
+        """Mean of ``Λ`` over every entry of every block: ``trace(G) / D`` of the approximation."""
+        if self.strategy == "identity":
+            return 1.0
+        total, count = 0.0, 0
+        for b in self.blocks:
+            lam = self.lambdas(b)
+            total += float(lam.sum())
+            count += lam.numel()
+        return total / max(count, 1)
+
+    def resolve_damping(self, damping) -> float:
+        d = Damping.parse(damping)
+        return d.value * self.mean_eigenvalue() if d.relative else d.value
+
+    def precondition(self, grads: dict[str, torch.Tensor], damping) -> dict[str, torch.Tensor]:
+        """Damped inverse-GGN times ``grads`` per block.
+
+        ``grads`` maps module name → ``(..., out, in_dim)`` (leading dims = several vectors). Returns new
+        tensors in float64 (a module's blocks are written into their rows). Modules without factors
+        raise. Nothing stored here is modified.
+        """
+        lam = self.resolve_damping(damping)
+        out = {}
+        for m, g in grads.items():
+            if m not in self.modules:
+                raise FactorError(f"no factors for module {m!r}; fitted modules: {', '.join(self.modules)}")
+            g = g.double()
+            if self.strategy == "identity":
+                out[m] = g.clone()
+                continue
+            res = torch.empty_like(g)
+            for blk in self.modules[m].blocks:
+                V = g[..., blk.rows, :]
+                if self.strategy == "diagonal":
+                    res[..., blk.rows, :] = V / (self.lambdas(blk.name) + lam)
+                    continue
+                if lam == 0 and bool((self.lambdas(blk.name) <= 0).any()):
+                    raise FactorError(
+                        f"block {blk.name} has zero eigenvalues and damping is 0: the inverse does not exist; "
+                        "use a positive damping"
+                    )
+                QA, QS = self.QA[m], self.QS[blk.name]
+                R = QS.T @ V @ QA
+                R = R / (self.lambdas(blk.name) + lam)
+                res[..., blk.rows, :] = QS @ R @ QA.T
+            out[m] = res
+        return out
+
+    def dense_block(self, block: str, damping=0.0) -> torch.Tensor:
+        """The dense ``(out_b·in_dim)²`` matrix ``G_block + λI`` this approximation stands for (tests only).
+
+        Row-major vectorisation of the ``(out_b, in_dim)`` block: ``vec(V)[i*in_dim + j] = V[i, j]``.
+        """
+        lam = self.resolve_damping(damping)
+        b = self.blocks[block]
+        n = b.out_dim * self.modules[b.module].in_dim
+        if self.strategy == "identity":
+            return torch.eye(n, dtype=torch.float64)
+        if self.strategy == "diagonal":
+            return torch.diag(self.lambdas(block).reshape(-1) + lam)
+        K = torch.kron(self.QS[block], self.QA[b.module])  # row-major: (Q_S ⊗ Q_A) vec(R) = vec(Q_S R Q_Aᵀ)
+        return K @ torch.diag(self.lambdas(block).reshape(-1) + lam) @ K.T
+
+    # -------------------------------------------------------------------------------- merging
+    def merge_(self, other: "FactorSet") -> "FactorSet":
+        """Add another partial run's sums and counts into this one (same model and settings)."""
+        if set(self.blocks) != set(other.blocks) or self.strategy != other.strategy:
+            raise FactorError("cannot merge factors of different blocks or strategies")
+        for m, A in other.A_sum.items():
+            self.A_sum[m] = self.A_sum[m] + A if m in self.A_sum else A.clone()
+        for b, st in other.stats.items():
+            mine = self.stats.setdefault(b, BlockStats())
+            for f in ("S_sum", "lambda_sum"):
+                x = getattr(st, f)
+                if x is not None:
+                    y = getattr(mine, f)
+                    setattr(mine, f, x.clone() if y is None else y + x)
+        self.n_tokens += other.n_tokens
+        self.n_examples_cov += other.n_examples_cov
+        self.n_examples_lambda += other.n_examples_lambda
+        return self
+
+    # ----------------------------------------------------------------------------- persistence
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        t = {}
+        for m, A in self.A_sum.items():
+            t[f"A_sum/{m}"] = A
+        for k, d in (("QA", self.QA), ("eigA", self.eigA), ("QS", self.QS), ("eigS", self.eigS)):
+            for n, x in d.items():
+                t[f"{k}/{n}"] = x
+        for b, st in self.stats.items():
+            if st.S_sum is not None:
+                t[f"S_sum/{b}"] = st.S_sum
+            if st.lambda_sum is not None:
+                t[f"lambda_sum/{b}"] = st.lambda_sum
+        return {k: v.contiguous() for k, v in t.items()}
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``factors.safetensors`` + ``factors.json`` atomically into ``out_dir``.
+
+        The directory is written under a temporary name next to it and renamed into place, so a
+        killed run leaves either the previous factors or the new ones, never a mix.
+        """
+        out = Path(out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            tensor_path = tmp / TENSOR_FILE
+            save_file(self._tensors(), str(tensor_path), metadata={"msif_format": str(FORMAT_VERSION)})
+            meta = dict(self.meta)
+            meta.update(
+                format_version=FORMAT_VERSION,
+                msif_version=__version__,
+                strategy=self.strategy,
+                n_tokens=self.n_tokens,
+                n_examples_cov=self.n_examples_cov,
+                n_examples_lambda=self.n_examples_lambda,
+                modules=[_tm_to_json(tm) for tm in self.modules.values()],
+                sha256=_sha256(tensor_path),
+                tensor_bytes=tensor_path.stat().st_size,
+            )
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> "FactorSet":
+        """Load factors written by :meth:`save`; a missing, truncated or corrupt file raises FactorError."""
+        p = Path(path)
+        meta_path, tensor_path = p / META_FILE, p / TENSOR_FILE
+        if not meta_path.exists() or not tensor_path.exists():
+            raise FactorError(
+                f"{p} holds no msif factors (expected {META_FILE} and {TENSOR_FILE}); fit them with `msif fit`"
+            )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FactorError(f"{meta_path} is corrupt ({e}); re-run `msif fit`") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise FactorError(f"{p}: factor format {meta.get('format_version')} is not {FORMAT_VERSION}; re-fit")
+        size = tensor_path.stat().st_size
+        if size != meta.get("tensor_bytes"):
+            raise FactorError(
+                f"{tensor_path} is {size} bytes, not the {meta.get('tensor_bytes')} written: the file is truncated "
+                "or was replaced; re-run `msif fit`"
+            )
+        if verify and _sha256(tensor_path) != meta.get("sha256"):
+            raise FactorError(f"{tensor_path} does not match its checksum: the file is corrupt; re-run `msif fit`")
+        try:
+            t = load_file(str(tensor_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FactorError(f"{tensor_path} cannot be read ({e}); re-run `msif fit`") from None
+        modules = {d["name"]: _tm_from_json(d) for d in meta["modules"]}
+        blocks = {b.name: b for tm in modules.values() for b in tm.blocks}
+        fs = cls(
+            strategy=meta["strategy"],
+            modules=modules,
+            blocks=blocks,
+            n_tokens=meta["n_tokens"],
+            n_examples_cov=meta["n_examples_cov"],
+            n_examples_lambda=meta["n_examples_lambda"],
+            meta={k: v for k, v in meta.items() if k not in ("modules",)},
+        )
+        for key, x in t.items():
+            x = x.clone()  # own, aligned memory: results then match the fresh factors bit for bit
+            kind, name = key.split("/", 1)
+            if kind == "A_sum":
+                fs.A_sum[name] = x
+            elif kind in ("QA", "eigA", "QS", "eigS"):
+                getattr(fs, kind)[name] = x
+            else:
+                setattr(fs.stats.setdefault(name, BlockStats()), kind, x)
+        return fs
+
+    # ------------------------------------------------------------------------------ checks
+    def check_model(self, fingerprint: str, what: str = "model") -> None:
+        """Raise if these factors were fitted on a model with another fingerprint."""
+        fp = self.meta.get("fingerprint")
+        if fp is not None and fp != fingerprint:
+            raise FactorError(
+                f"these factors were fitted on model {self.meta.get('model_name', '?')} (fingerprint {fp[:12]}…), "
+                f"not on the {what} they are applied to (fingerprint {fingerprint[:12]}…). Fit factors for this "
+                "model with `msif fit`, or pass the model they were fitted on."
+            )
+
+
+def _tm_to_json(tm: TrackedModule) -> dict:
+    return dict(
+        name=tm.name,
+        role=tm.role,
+        in_features=tm.in_features,
+        out_features=tm.out_features,
+        bias=tm.bias,
+        transposed=tm.transposed,
+        blocks=[dict(name=b.name, row_start=b.row_start, row_stop=b.row_stop, head=b.head, proj=b.proj) for b in tm.blocks],
+    )
+
+
+def _tm_from_json(d: dict) -> TrackedModule:
+    blocks = tuple(Block(b["name"], d["name"], d["role"], b["row_start"], b["row_stop"], b["head"], b["proj"]) for b in d["blocks"])
+    return TrackedModule(d["name"], d["role"], d["in_features"], d["out_features"], d["bias"], d["transposed"], blocks)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,217 @@
+"""Fitting curvature factors: covariance pass → float64 eigendecomposition → eigenvalue-correction pass.
+
+Every pass is a forward and an activation-only backward of the model (no parameter gradients) with
+hooks on the tracked layers. Statistics are sums with counts (tokens and sequences actually seen), so
+partial runs merge by addition (:meth:`FactorSet.merge_`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data.encoding import Batch
+from ..models.adapters import tracked_modules
+from ..objectives import check_objective, curvature_targets, data_targets, model_logits, summed_loss
+from .factors import STRATEGIES, BlockStats, FactorSet
+from .hooks import Recorder, token_mask
+
+
+@dataclass
+class FitConfig:
+    """Settings of a factor fit (stored with the factors)."""
+
+    objective: str = "lm"  # lm | answer | classification
+    strategy: str = "ekfac"  # ekfac | kfac | diagonal | identity
+    modules: str = "all"  # all | mlp | attention
+    per_head: bool = True  # Q/K/V of each head as separate blocks
+    labels: str = "sampled"  # sampled (true Fisher = GGN) | empirical (data labels)
+    seed: int = 0
+    max_examples: int | None = None
+    batch_size: int = 8
+    stats_dtype: str = "float64"  # accumulation dtype of the sums
+    generic: bool = False  # track every backbone linear of an unregistered architecture
+
+    def validate(self) -> "FitConfig":
+        check_objective(self.objective)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, not {self.strategy!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be ≥ 1")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError("max_examples must be ≥ 1")
+        return self
+
+
+def record_batch(model: nn.Module, tms, batch: Batch, targets_fn) -> tuple[dict, dict, torch.Tensor]:
+    """One forward + activation-only backward with hooks.
+
+    ``targets_fn(logits) -> targets`` gives the labels of the loss. Returns ``(a, s, logits)`` where
+    ``a[module]`` is ``(B, T, in_dim)`` (zeroed at padding) and ``s[module]`` is ``(B, T, out)``.
+    """
+    with Recorder(model, tms) as rec:
+        logits = model_logits(model, batch)
+        targets = targets_fn(logits)
+        loss = summed_loss(logits, targets).sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                "the loss is NaN or infinite on a batch: check the model weights and the inputs (examples "
+                f"{batch.indices.tolist()})"
+            )
+        s = rec.output_grads(loss)
+        a = rec.inputs
+    mask = batch.attention_mask
+    a = {n: x * token_mask(mask, x) for n, x in a.items()}
+    return a, s, logits.detach()
+
+
+def per_example_grads(model: nn.Module, tms, batch: Batch, objective: str, targets=None) -> dict[str, torch.Tensor]:
+    """Per-example gradients ``DW_n = Σ_t s_{n,t} a_{n,t}ᵀ``: module name → ``(B, out, in_dim)``.
+
+    ``targets`` defaults to the data labels (the training loss / measurement ``m``).
+    """
+    fn = (lambda logits: data_targets(batch, objective)) if targets is None else (lambda logits: targets)
+    a, s, _ = record_batch(model, tms, batch, fn)
+    return {n: torch.einsum("bto,bti->boi", s[n], a[n]) for n in a}
+
+
+def _batches(data: Iterable[Batch], max_examples: int | None) -> Iterator[Batch]:
+    seen = 0
+    for b in data:
+        if max_examples is not None and seen + b.size > max_examples:
+            keep = max_examples - seen
+            if keep <= 0:
+                return
+            b = Batch(b.input_ids[:keep], b.attention_mask[:keep], b.target_mask[:keep],
+                      None if b.labels is None else b.labels[:keep], b.indices[:keep])
+        seen += b.size
+        yield b
+        if max_examples is not None and seen >= max_examples:
+            return
+
+
+def _check_batch(batch: Batch, objective: str):
+    if objective == "classification":
+        if batch.labels is None:
+            raise ValueError("the classification objective needs a label for every example")
+    elif not bool(batch.target_mask.any()):
+        raise ValueError(
+            f"examples {batch.indices.tolist()} have no token that counts in the {objective!r} loss "
+            "(empty answers, or one-token documents)"
+        )
+
+
+def fit_factors(
+    model: nn.Module,
+    data: Iterable[Batch] | list[Batch],
+    config: FitConfig | None = None,
+    progress: bool = False,
+    model_name: str | None = None,
+    fingerprint: str | None = None,
+) -> FactorSet:
+    """Fit curvature factors of ``model`` on ``data`` (an iterable of batches, iterated once per pass).
+
+    ``data`` must be re-iterable (a list, or an object whose ``__iter__`` restarts) for strategies with
+    two passes (``ekfac``). Returns an eigendecomposed :class:`FactorSet`; :meth:`FactorSet.save` writes it.
+    """
+    cfg = (config or FitConfig()).validate()
+    tms = tracked_modules(model, per_head=cfg.per_head, modules=cfg.modules, generic=cfg.generic)
+    sdt = getattr(torch, cfg.stats_dtype)
+    fs = FactorSet(
+        strategy=cfg.strategy,
+        modules={tm.name: tm for tm in tms},
+        blocks={b.name: b for tm in tms for b in tm.blocks},
+    )
+    if fingerprint is None:
+        from ..models.loading import model_fingerprint  # lazy: loading imports transformers auto classes
+
+        fingerprint = model_fingerprint(model, tms)
+    fs.meta.update(
+        config=asdict(cfg),
+        fingerprint=fingerprint,
+        model_name=model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+        model_type=getattr(getattr(model, "config", None), "model_type", None),
+        model_class=type(model).__name__,
+        objective=cfg.objective,
+        labels=cfg.labels,
+        per_head=cfg.per_head,
+        module_subset=cfg.modules,
+        stats_dtype=cfg.stats_dtype,
+        timings={},
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.strategy in ("ekfac", "kfac"):
+            t0 = time.perf_counter()
+            _covariance_pass(model, tms, data, cfg, fs, sdt, progress)
+            fs.eigendecompose()
+            fs.meta["timings"]["covariance_s"] = time.perf_counter() - t0
+        if cfg.strategy in ("ekfac", "diagonal"):
+            t0 = time.perf_counter()
+            _lambda_pass(model, tms, data, cfg, fs, sdt, progress)
+            fs.meta["timings"]["lambda_s"] = time.perf_counter() - t0
+    finally:
+        model.train(was_training)
+    return fs
+
+
+def _covariance_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progress: bool):
+    bar = tqdm(desc="covariance pass", unit="ex", total=cfg.max_examples, disable=not progress)
+    for batch in _batches(data, cfg.max_examples):
+        _check_batch(batch, cfg.objective)
+        a, s, _ = record_batch(
+            model, tms, batch,
+            lambda logits: curvature_targets(logits, batch, cfg.objective, cfg.labels, cfg.seed, stream=0),
+        )
+        mask = batch.attention_mask.bool()
+        for tm in tms:
+            am = a[tm.name][mask].to(sdt)  # (n_tok, in_dim)
+            A = am.T @ am
+            fs.A_sum[tm.name] = fs.A_sum[tm.name] + A if tm.name in fs.A_sum else A
+            sm = s[tm.name][mask].to(sdt)
+            for blk in tm.blocks:
+                sb = sm[:, blk.rows]
+                S = sb.T @ sb
+                st = fs.stats.setdefault(blk.name, BlockStats())
+                st.S_sum = S if st.S_sum is None else st.S_sum + S
+        fs.n_tokens += int(mask.sum())
+        fs.n_examples_cov += batch.size
+        bar.update(batch.size)
+    bar.close()
+    if fs.n_examples_cov == 0:
+        raise ValueError("the data gave no examples to fit on")
+
+
+def _lambda_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progress: bool):
+    name = "eigenvalue-correction pass" if cfg.strategy == "ekfac" else "diagonal pass"
+    bar = tqdm(desc=name, unit="ex", total=cfg.max_examples, disable=not progress)
+    for batch in _batches(data, cfg.max_examples):
+        _check_batch(batch, cfg.objective)
+        a, s, _ = record_batch(
+            model, tms, batch,
+            lambda logits: curvature_targets(logits, batch, cfg.objective, cfg.labels, cfg.seed, stream=1),
+        )
+        for tm in tms:
+            am = a[tm.name].to(sdt)
+            if cfg.strategy == "ekfac":
+                am = am @ fs.QA[tm.name].to(sdt)
+            sm = s[tm.name].to(sdt)
+            for blk in tm.blocks:
+                sb = sm[..., blk.rows]
+                if cfg.strategy == "ekfac":
+                    sb = sb @ fs.QS[blk.name].to(sdt)
+                g = torch.einsum("bto,bti->boi", sb, am)  # per-sequence gradient (rotated for EK-FAC)
+                lam = (g * g).sum(0)
+                st = fs.stats.setdefault(blk.name, BlockStats())
+                st.lambda_sum = lam if st.lambda_sum is None else st.lambda_sum + lam
+        fs.n_examples_lambda += batch.size
+        bar.update(batch.size)
+    bar.close()
+    if fs.n_examples_lambda == 0:
+        raise ValueError("the data gave no examples to fit on")

@@ -1,0 +1,95 @@
+"""Hooks that record layer inputs ``a`` and output gradients ``s`` of tracked layers.
+
+No parameter gradient is ever computed: while recording, every parameter is frozen, the input
+embeddings' output is made to require grad (so the graph exists), and gradients are taken only with
+respect to the tracked layers' outputs with :func:`torch.autograd.grad`.
+
+For a tracked linear layer ``y = W a + b`` at token ``t`` of sequence ``n``, the gradient of the
+sequence loss is ``DW_n = Σ_t s_{n,t} [a_{n,t}; 1]ᵀ``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..models.adapters import TrackedModule
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module):
+    """Temporarily set ``requires_grad=False`` on every parameter (restored on exit)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+class Recorder:
+    """Capture inputs and outputs of tracked layers during a forward pass.
+
+    Use as a context manager around a forward pass; then call :meth:`output_grads` with a scalar loss
+    to get the gradients w.r.t. the tracked outputs. ``inputs[name]`` is ``(B, T, in_dim)`` (a column
+    of ones appended when the layer has a bias), detached.
+    """
+
+    def __init__(self, model: nn.Module, tms: list[TrackedModule], record_inputs: bool = True):
+        self.model = model
+        self.tms = tms
+        self.record_inputs = record_inputs
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+        self._frozen = None
+
+    def _make_hook(self, tm: TrackedModule):
+        def hook(mod, args, output):
+            if self.record_inputs:
+                a = args[0].detach()
+                if tm.bias:
+                    a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+                self.inputs[tm.name] = a
+            self.outputs[tm.name] = output
+
+        return hook
+
+    @staticmethod
+    def _require_grad(mod, args, output):
+        return output.requires_grad_(True) if not output.requires_grad else output
+
+    def __enter__(self) -> "Recorder":
+        self._frozen = frozen_parameters(self.model)
+        self._frozen.__enter__()
+        emb = self.model.get_input_embeddings()
+        self._handles.append(emb.register_forward_hook(self._require_grad))
+        for tm in self.tms:
+            self._handles.append(self.model.get_submodule(tm.name).register_forward_hook(self._make_hook(tm)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._frozen.__exit__(*exc)
+        return False
+
+    def output_grads(self, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``s`` for every tracked layer, ``(B, T, out)``, from a scalar ``loss`` (graph released)."""
+        names = list(self.outputs)
+        grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], allow_unused=True)
+        out = {}
+        for n, g in zip(names, grads):
+            out[n] = torch.zeros_like(self.outputs[n]) if g is None else g
+        self.outputs.clear()
+        return out
+
+
+def token_mask(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B, T, 1)`` float mask in ``like``'s dtype: 1 for real tokens, 0 for padding."""
+    return attention_mask.to(like.dtype).unsqueeze(-1)

@@ -1,0 +1,113 @@
+"""Objectives: LM loss, answer-only loss, classification loss, and label sampling for curvature.
+
+Three objectives share one shape (see :mod:`msif.data.encoding` for the masks):
+
+* ``"lm"``: pre-training loss, ``ℓ(z) = −Σ_t log p(z_{t+1} | z_≤t)`` over every non-padding prediction;
+* ``"answer"``: the same sum restricted to the answer tokens (prompt tokens are masked);
+* ``"classification"``: ``−log p(label | x)`` from a sequence-classification head.
+
+The per-sequence loss is **summed** over its tokens and the batch loss is the sum over sequences, so
+that the gradient of the batch loss w.r.t. a layer output at sequence ``n`` is exactly the gradient
+of ``ℓ(z_n)``. For curvature (the GGN / true Fisher), the labels are **sampled from the model's own
+predictive distribution** at the very positions whose logits produced them (the logits at position
+``t`` give the label of position ``t``, i.e. the stand-in for token ``t + 1``), and only where the
+objective counts a prediction. ``labels="empirical"`` uses the data labels instead.
+
+Sampling is seeded per example (``seed``, the example's dataset index and a pass number) so that the
+labels of an example do not depend on the batch it is in, its padding, or the batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data.encoding import Batch
+
+OBJECTIVES = ("lm", "answer", "classification")
+LABEL_MODES = ("sampled", "empirical")
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+    return objective
+
+
+def model_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits ``(B, T, V)`` of a causal LM, or ``(B, C)`` of a sequence classifier."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out.logits
+
+
+def _example_generator(seed: int, index: int, stream: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + index * 7_919 + stream * 104_729) % (2**63 - 1))
+    return g
+
+
+def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: ``logits (..., V)``, ``uniforms (...)`` in [0, 1) → indices ``(...)``."""
+    p = torch.softmax(logits.detach().double(), dim=-1)
+    cdf = p.cumsum(-1)
+    cdf[..., -1] = 1.0  # guard against rounding: every u < 1 maps inside the vocabulary
+    idx = torch.searchsorted(cdf, uniforms.double().unsqueeze(-1).contiguous()).squeeze(-1)
+    return idx.clamp_max(logits.shape[-1] - 1)
+
+
+def sampled_targets(logits: torch.Tensor, batch: Batch, seed: int, stream: int = 0) -> torch.Tensor:
+    """Labels drawn from the model's own predictive distribution.
+
+    For token-level objectives, ``logits (B, T, V)`` → targets ``(B, T)``: position ``t`` gets a label
+    drawn from ``softmax(logits[:, t])`` where ``target_mask[:, t]``, and ``-100`` (ignored) elsewhere.
+    For classification, ``logits (B, C)`` → ``(B,)``. Each example uses its own generator seeded by
+    ``(seed, batch.indices[i], stream)``, drawing one uniform per position of its unpadded length.
+    """
+    B = logits.shape[0]
+    if logits.dim() == 2:
+        u = torch.stack([torch.rand((), generator=_example_generator(seed, int(batch.indices[i]), stream)) for i in range(B)])
+        return sample_from_logits(logits, u.to(logits.device))
+    T = logits.shape[1]
+    lengths = batch.attention_mask.sum(1).tolist()
+    u = torch.zeros(B, T, dtype=torch.float64)
+    for i in range(B):
+        g = _example_generator(seed, int(batch.indices[i]), stream)
+        u[i, : lengths[i]] = torch.rand(lengths[i], generator=g, dtype=torch.float64)
+    y = sample_from_logits(logits, u.to(logits.device))
+    return torch.where(batch.target_mask, y, torch.full_like(y, -100))
+
+
+def data_targets(batch: Batch, objective: str) -> torch.Tensor:
+    """The data's own labels in the layout of :func:`sampled_targets` (next tokens, or class labels)."""
+    if objective == "classification":
+        if batch.labels is None:
+            raise ValueError("the classification objective needs labels in the batch")
+        return batch.labels
+    nxt = torch.full_like(batch.input_ids, -100)
+    nxt[:, :-1] = batch.input_ids[:, 1:]
+    return torch.where(batch.target_mask, nxt, torch.full_like(nxt, -100))
+
+
+def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sequence summed cross-entropy ``(B,)``; ``-100`` targets are ignored."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits.float() if logits.dtype == torch.float16 else logits, targets, reduction="none")
+    B, T, V = logits.shape
+    ce = F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T), ignore_index=-100, reduction="none")
+    return ce.view(B, T).sum(1)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy ``(B, T)`` (zero where the target is ``-100``)."""
+    B, T, V = logits.shape
+    ce = F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T), ignore_index=-100, reduction="none")
+    return ce.view(B, T)
+
+
+def curvature_targets(logits, batch: Batch, objective: str, labels: str, seed: int, stream: int) -> torch.Tensor:
+    """Targets for a curvature pass: sampled from the model (default) or the data's (``empirical``)."""
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, not {labels!r}")
+    if labels == "empirical":
+        return data_targets(batch, objective)
+    return sampled_targets(logits, batch, seed, stream)

@@ -1,0 +1,58 @@
+"""Tiny models and data shared by the tests (float64, built from configs, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
+
+from msif.data.encoding import Encoded, collate
+
+VOCAB = 50
+
+
+def neox_config(**kw) -> GPTNeoXConfig:
+    base = dict(
+        hidden_size=16, num_attention_heads=2, num_hidden_layers=2, intermediate_size=32, vocab_size=VOCAB,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    base.update(kw)
+    return GPTNeoXConfig(**base)
+
+
+def tiny_neox(seed: int = 0, **kw) -> GPTNeoXForCausalLM:
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(neox_config(**kw)).double().eval()
+
+
+def tiny_neox_classifier(seed: int = 0, num_labels: int = 3, **kw) -> GPTNeoXForSequenceClassification:
+    torch.manual_seed(seed)
+    return GPTNeoXForSequenceClassification(neox_config(num_labels=num_labels, **kw)).double().eval()
+
+
+def random_lm_examples(n: int, seed: int = 0, min_len: int = 3, max_len: int = 10, vocab: int = VOCAB) -> list[Encoded]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = int(torch.randint(min_len, max_len + 1, (), generator=g))
+        ids = torch.randint(3, vocab, (L,), generator=g).tolist()
+        out.append(Encoded(ids, [True] * (L - 1) + [False], index=i))
+    return out
+
+
+def random_answer_examples(n: int, seed: int = 0, vocab: int = VOCAB) -> list[Encoded]:
+    """Prompt of 2-5 tokens then an answer of 1-3 tokens; only answer tokens count."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        P = int(torch.randint(2, 6, (), generator=g))
+        A = int(torch.randint(1, 4, (), generator=g))
+        ids = torch.randint(3, vocab, (P + A,), generator=g).tolist()
+        tm = [False] * (P + A)
+        for t in range(P - 1, P + A - 1):
+            tm[t] = True
+        out.append(Encoded(ids, tm, index=i))
+    return out
+
+
+def batches(examples: list[Encoded], batch_size: int, pad_id: int = 0) -> list:
+    return [collate(examples[i : i + batch_size], pad_id=pad_id) for i in range(0, len(examples), batch_size)]

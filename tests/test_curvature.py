@@ -1,0 +1,326 @@
+"""EK-FAC / K-FAC / diagonal factors against brute-force and dense computation (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from msif.curvature.factors import Damping, FactorError, FactorSet
+from msif.curvature.fit import FitConfig, fit_factors, per_example_grads
+from msif.data.encoding import Encoded, collate
+from msif.models.adapters import tracked_modules
+from msif.objectives import data_targets, model_logits, sampled_targets, summed_loss
+
+from helpers import batches, random_answer_examples, random_lm_examples, tiny_neox, tiny_neox_classifier
+
+
+def _rand_grads(fs: FactorSet, seed=0, lead=()):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(*lead, tm.out_features, tm.in_dim, generator=g, dtype=torch.float64) for n, tm in fs.modules.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# exactly Kronecker: one example of one token, empirical Fisher ⇒ G_block = (s sᵀ) ⊗ (a aᵀ)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
+def test_exact_kronecker_block(strategy):
+    model = tiny_neox_classifier(seed=1)
+    ex = Encoded([7], [False], label=2, index=0)
+    data = [collate([ex])]
+    fs = fit_factors(model, data, FitConfig(objective="classification", strategy=strategy, labels="empirical"), fingerprint="t")
+    dw = per_example_grads(model, list(fs.modules.values()), data[0], "classification")
+    lam = 1e-3
+    v = _rand_grads(fs, seed=3)
+    got = fs.precondition(v, lam)
+    for tm in fs.modules.values():
+        for blk in tm.blocks:
+            g = dw[tm.name][0, blk.rows, :].reshape(-1)
+            G = torch.outer(g, g)  # the exact (empirical-Fisher) block: rank one, exactly Kronecker
+            want = torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=G.dtype), v[tm.name][blk.rows].reshape(-1))
+            out = got[tm.name][blk.rows].reshape(-1)
+            assert torch.allclose(out, want, rtol=1e-8, atol=1e-8 * want.abs().max()), blk.name
+
+
+# ------------------------------------------------------------------------------------------------
+# brute force A, S, Λ from autograd on a 2-layer GPT-NeoX
+# ------------------------------------------------------------------------------------------------
+def _brute_force(model, tms, examples, objective, seed):
+    """Per example: plain forward hooks for a, retain_grad for s, and real parameter gradients for DW."""
+    A = {tm.name: 0 for tm in tms}
+    S = {b.name: 0 for tm in tms for b in tm.blocks}
+    ntok = 0
+    dws = []
+    for ex in examples:
+        batch = collate([ex])
+        rec = {}
+        hs = []
+        for tm in tms:
+            mod = model.get_submodule(tm.name)
+
+            def hook(m, args, out, name=tm.name, bias=tm.bias):
+                a = args[0][0]
+                rec[name] = (torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1) if bias else a, out)
+                out.retain_grad()
+
+            hs.append(mod.register_forward_hook(hook))
+        model.zero_grad()
+        logits = model_logits(model, batch)
+        y = sampled_targets(logits, batch, seed, stream=0)
+        summed_loss(logits, y).sum().backward()
+        for h in hs:
+            h.remove()
+        ntok += len(ex.input_ids)
+        for tm in tms:
+            a, out = rec[tm.name]
+            A[tm.name] = A[tm.name] + a.T @ a
+            s = out.grad[0]
+            for b in tm.blocks:
+                S[b.name] = S[b.name] + s[:, b.rows].T @ s[:, b.rows]
+    # Λ uses the second stream of labels: real parameter gradients per example
+    for ex in examples:
+        batch = collate([ex])
+        model.zero_grad()
+        logits = model_logits(model, batch)
+        y = sampled_targets(logits, batch, seed, stream=1)
+        summed_loss(logits, y).sum().backward()
+        d = {}
+        for tm in tms:
+            mod = model.get_submodule(tm.name)
+            w = mod.weight.grad.T if tm.transposed else mod.weight.grad
+            d[tm.name] = torch.cat([w, mod.bias.grad[:, None]], 1) if tm.bias else w.clone()
+        dws.append(d)
+    model.zero_grad()
+    return {k: v / ntok for k, v in A.items()}, {k: v / ntok for k, v in S.items()}, dws
+
+
+@pytest.mark.parametrize("objective", ["lm", "answer"])
+def test_factors_equal_brute_force(objective):
+    model = tiny_neox(seed=2)
+    examples = random_lm_examples(12, seed=5) if objective == "lm" else random_answer_examples(12, seed=5)
+    fs = fit_factors(model, batches(examples, 4), FitConfig(objective=objective, seed=11), fingerprint="t")
+    tms = list(fs.modules.values())
+    A, S, dws = _brute_force(model, tms, examples, objective, seed=11)
+    for tm in tms:
+        assert torch.allclose(fs.A_sum[tm.name] / fs.n_tokens, A[tm.name], rtol=1e-10, atol=1e-12)
+        QA = fs.QA[tm.name]
+        for b in tm.blocks:
+            assert torch.allclose(fs.stats[b.name].S_sum / fs.n_tokens, S[b.name], rtol=1e-10, atol=1e-14)
+            QS = fs.QS[b.name]
+            lam = sum((QS.T @ d[tm.name][b.rows] @ QA) ** 2 for d in dws) / len(dws)
+            assert torch.allclose(fs.lambdas(b.name), lam, rtol=1e-9, atol=1e-14), b.name
+
+
+def test_ihvp_equals_dense_formula():
+    model = tiny_neox(seed=3)
+    fs = fit_factors(model, batches(random_lm_examples(10, seed=1), 5), FitConfig(), fingerprint="t")
+    v = _rand_grads(fs, seed=9)
+    for damping in (1e-4, "0.1x"):
+        lam = fs.resolve_damping(damping)
+        got = fs.precondition(v, damping)
+        for tm in fs.modules.values():
+            for b in tm.blocks:
+                K = torch.kron(fs.QS[b.name], fs.QA[tm.name])
+                dense = K @ torch.diag(1.0 / (fs.lambdas(b.name).reshape(-1) + lam)) @ K.T
+                want = dense @ v[tm.name][b.rows].reshape(-1)
+                assert torch.allclose(got[tm.name][b.rows].reshape(-1), want, rtol=1e-10, atol=1e-12 * want.abs().max())
+
+
+def test_kfac_scale_matches_ggn_scale_and_diagonal():
+    model = tiny_neox(seed=4)
+    data = batches(random_lm_examples(16, seed=2), 4)
+    ek = fit_factors(model, data, FitConfig(strategy="ekfac"), fingerprint="t")
+    kf = fit_factors(model, data, FitConfig(strategy="kfac"), fingerprint="t")
+    dg = fit_factors(model, data, FitConfig(strategy="diagonal"), fingerprint="t")
+    # trace(G) is estimated by all three; K-FAC only approximately (Kronecker assumption), EK-FAC and
+    # diagonal exactly the same quantity (the rotation preserves the trace of E[vec DW vec DWᵀ])
+    assert ek.mean_eigenvalue() == pytest.approx(dg.mean_eigenvalue(), rel=1e-9)
+    assert 0.2 < kf.mean_eigenvalue() / ek.mean_eigenvalue() < 5
+
+
+# ------------------------------------------------------------------------------------------------
+# labels: sampled at the right positions, never at padding or prompt positions
+# ------------------------------------------------------------------------------------------------
+def test_sampled_labels_come_from_the_same_position_and_only_counted_ones():
+    V = 11
+    exs = [Encoded([3, 4, 5, 6, 7, 8], [False, False, True, True, True, False], index=0),
+           Encoded([3, 4, 5], [True, True, False], index=1)]
+    batch = collate(exs)
+    T = batch.input_ids.shape[1]
+    logits = torch.full((2, T, V), -60.0, dtype=torch.float64)
+    for t in range(T):
+        logits[:, t, (3 * t + 1) % V] = 60.0  # position t predicts token (3t+1) mod V, deterministically
+    y = sampled_targets(logits, batch, seed=0)
+    for i in range(2):
+        for t in range(T):
+            if batch.target_mask[i, t]:
+                assert y[i, t] == (3 * t + 1) % V
+            else:
+                assert y[i, t] == -100  # prompt, last and padding positions carry no label
+
+
+def test_sampled_fisher_matches_analytic_expectation_and_detects_shift(monkeypatch):
+    """E_y[DW DWᵀ] over sampled labels equals the GGN; a one-position shift of the labels does not."""
+    import msif.curvature.fit as fitmod
+    import msif.objectives as obj
+
+    model = tiny_neox(seed=6, num_hidden_layers=1)
+    torch.manual_seed(0)
+    with torch.no_grad():  # peaked, position-dependent predictions make a shift visible
+        model.get_output_embeddings().weight.mul_(8.0)
+    ex = random_lm_examples(1, seed=3, min_len=6, max_len=6)[0]
+    N = 600
+    copies = [Encoded(ex.input_ids, ex.target_mask, index=i) for i in range(N)]
+    data = batches(copies, 100)
+    cfg = FitConfig(strategy="diagonal")
+    fs = fit_factors(model, data, cfg, fingerprint="t")
+    # analytic diagonal of the GGN: Σ_t Σ_k p_tk (∂ log p_k/∂θ)², via per-label gradients
+    tms = list(fs.modules.values())
+    batch = collate([ex])
+    logits = model_logits(model, batch)[0]
+    diag = {tm.name: 0 for tm in tms}
+    Vv = logits.shape[-1]
+    for t in range(len(ex.input_ids) - 1):
+        p = torch.softmax(logits[t], -1)
+        for k in range(Vv):
+            y = torch.full((1, len(ex.input_ids)), -100)
+            y[0, t] = k
+            g = per_example_grads(model, tms, batch, "lm", targets=y)
+            for n in diag:
+                diag[n] = diag[n] + float(p[k]) * g[n][0] ** 2
+    err = lambda f: sum(float((f.stats[b].lambda_sum / f.n_examples_lambda - diag[f.blocks[b].module][f.blocks[b].rows]).abs().sum()) for b in f.blocks) / sum(float(d.abs().sum()) for d in diag.values())
+    good = err(fs)
+    assert good < 0.1, good
+
+    real = obj.sampled_targets
+
+    def shifted(logits, batch, seed, stream=0):
+        y = real(logits, batch, seed, stream)
+        z = torch.full_like(y, -100)
+        z[:, 1:] = y[:, :-1]  # label drawn at t used as the target of t + 1
+        return torch.where(batch.target_mask, z, torch.full_like(z, -100))
+
+    monkeypatch.setattr(obj, "sampled_targets", shifted)
+    bad = err(fit_factors(model, data, cfg, fingerprint="t"))
+    assert bad > 3 * good and bad > 0.1, (good, bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# invariance to batch size and padding (per-example sampling seeds)
+# ------------------------------------------------------------------------------------------------
+def test_batch_size_and_padding_do_not_change_factors():
+    model = tiny_neox(seed=7)
+    exs = random_lm_examples(16, seed=4)
+    f1 = fit_factors(model, batches(exs, 1), FitConfig(batch_size=1), fingerprint="t")
+    f8 = fit_factors(model, batches(exs, 8), FitConfig(batch_size=8), fingerprint="t")
+    padded = [collate(exs[i : i + 8], pad_to=14) for i in range(0, 16, 8)]
+    fp = fit_factors(model, padded, FitConfig(batch_size=8), fingerprint="t")
+    assert f1.n_tokens == f8.n_tokens == fp.n_tokens == sum(len(e.input_ids) for e in exs)
+    v = _rand_grads(f1, seed=1)
+    ref = f1.precondition(v, "0.1x")
+    for other in (f8, fp):
+        for m in f1.A_sum:
+            assert torch.allclose(other.A_sum[m], f1.A_sum[m], rtol=1e-6, atol=1e-10)
+        out = other.precondition(v, "0.1x")
+        for m in ref:
+            assert torch.allclose(out[m], ref[m], rtol=1e-6, atol=1e-6 * ref[m].abs().max())
+
+
+# ------------------------------------------------------------------------------------------------
+# store: immutable factors, round trip, truncated file, other model
+# ------------------------------------------------------------------------------------------------
+def test_save_load_apply_twice_is_exact_and_never_mutates(tmp_path):
+    model = tiny_neox(seed=8)
+    fs = fit_factors(model, batches(random_lm_examples(10, seed=6), 5), FitConfig(), fingerprint="fp-a")
+    v = _rand_grads(fs, seed=2)
+    fresh = {d: fs.precondition(v, d) for d in (1e-3, "1x")}
+    fs.save(tmp_path / "f")
+    loaded = FactorSet.load(tmp_path / "f")
+    before = {k: x.clone() for k, x in loaded._tensors().items()}
+    for _ in range(2):
+        for d in (1e-3, "1x", 1e-3):
+            out = loaded.precondition(v, d)
+            for m in out:
+                assert torch.equal(out[m], fresh[d][m])
+    after = loaded._tensors()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    loaded.check_model("fp-a")
+    with pytest.raises(FactorError, match="fitted on model"):
+        loaded.check_model("fp-b")
+
+
+def test_truncated_or_corrupt_factor_file(tmp_path):
+    model = tiny_neox(seed=8)
+    fs = fit_factors(model, batches(random_lm_examples(6, seed=6), 3), FitConfig(), fingerprint="t")
+    fs.save(tmp_path / "f")
+    p = tmp_path / "f" / "factors.safetensors"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FactorError, match="truncated"):
+        FactorSet.load(tmp_path / "f")
+    p.write_bytes(data[:-8] + b"\x00" * 8)
+    with pytest.raises(FactorError, match="corrupt"):
+        FactorSet.load(tmp_path / "f")
+    with pytest.raises(FactorError, match="no msif factors"):
+        FactorSet.load(tmp_path / "nothing")
+
+
+def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
+    model = tiny_neox(seed=8)
+    fs = fit_factors(model, batches(random_lm_examples(6, seed=6), 3), FitConfig(), fingerprint="t")
+    fs.save(tmp_path / "f")
+    good = (tmp_path / "f" / "factors.safetensors").read_bytes()
+    import msif.curvature.factors as fmod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fmod, "_sha256", boom)
+    with pytest.raises(KeyboardInterrupt):
+        fs.save(tmp_path / "f")
+    assert (tmp_path / "f" / "factors.safetensors").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]
+
+
+def test_merge_of_partial_runs_equals_one_run():
+    model = tiny_neox(seed=9)
+    exs = random_lm_examples(12, seed=8)
+    whole = fit_factors(model, batches(exs, 4), FitConfig(strategy="kfac"), fingerprint="t")
+    a = fit_factors(model, batches(exs[:4], 4), FitConfig(strategy="kfac"), fingerprint="t")
+    b = fit_factors(model, batches(exs[4:], 4), FitConfig(strategy="kfac"), fingerprint="t")
+    a.merge_(b)
+    a.eigendecompose()
+    v = _rand_grads(whole)
+    x, y = whole.precondition(v, 1e-3), a.precondition(v, 1e-3)
+    assert all(torch.allclose(x[m], y[m], rtol=1e-8) for m in x)
+
+
+def test_damping_parse_and_bad_values():
+    assert Damping.parse("0.1x") == Damping(0.1, True)
+    assert Damping.parse(1e-3) == Damping(1e-3, False)
+    with pytest.raises(ValueError):
+        Damping.parse(float("nan"))
+    with pytest.raises(ValueError):
+        Damping.parse(-1.0)
+
+
+def test_modules_subset_and_identity():
+    model = tiny_neox(seed=10)
+    data = batches(random_lm_examples(6), 3)
+    mlp = fit_factors(model, data, FitConfig(modules="mlp", strategy="kfac"), fingerprint="t")
+    assert {tm.role for tm in mlp.modules.values()} == {"mlp"}
+    idf = fit_factors(model, data, FitConfig(strategy="identity"), fingerprint="t")
+    v = _rand_grads(idf)
+    out = idf.precondition(v, 0.5)
+    assert all(torch.equal(out[m], v[m]) for m in v)
+    att = {n: x for n, x in _rand_grads(fit_factors(model, data, FitConfig(modules="attention", strategy="kfac"), fingerprint="t")).items()}
+    with pytest.raises(FactorError, match="no factors for module"):
+        mlp.precondition(att, 1e-3)
+
+
+def test_empty_answer_batch_is_rejected():
+    model = tiny_neox(seed=10)
+    ex = Encoded([3, 4, 5], [False, False, False], index=0)
+    with pytest.raises(ValueError, match="no token that counts"):
+        fit_factors(model, [collate([ex])], FitConfig(objective="answer"), fingerprint="t")
