@@ -230,13 +230,31 @@ def _opt(model: nn.Module, per_head: bool) -> list[TrackedModule]:
     return _separate_qkv(model, r"decoder\.layers", "self_attn", "out_proj", ["fc1", "fc2"], per_head)
 
 
-_EXCLUDE = re.compile(r"(^|\.)(lm_head|score|classifier|embed_out|wte|wpe|embed_tokens|embed_in|word_embeddings)$")
+_EXCLUDE = re.compile(
+    r"(^|\.)(lm_head|score|classifier|classification_head|embed_out|wte|wpe|embed_tokens|embed_in|word_embeddings)(\.|$)"
+)
 
 
 def _generic(model: nn.Module, per_head: bool) -> list[TrackedModule]:
+    # Only the backbone (``model.base_model`` for HF models): heads such as ``lm_head.dense`` /
+    # ``lm_head.decoder`` or ``classifier.out_proj`` live outside it. Embedding modules (and anything
+    # inside them) are skipped by identity as well as by name.
+    base = getattr(model, "base_model", model)
+    prefix = ""
+    if base is not model:
+        prefix = next((n for n, m in model.named_modules() if m is base), "")
+        prefix = prefix + "." if prefix else ""
+    skip: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            emb = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            emb = None
+        if isinstance(emb, nn.Module):
+            skip.update(id(m) for m in emb.modules())
     out = []
     for n, m in model.named_modules():
-        if not n or _EXCLUDE.search(n):
+        if not n or (prefix and not n.startswith(prefix)) or id(m) in skip or _EXCLUDE.search(n):
             continue
         if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
             role = "attention" if re.search(r"attn|attention|q_proj|k_proj|v_proj|o_proj", n) else "mlp"
