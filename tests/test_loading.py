@@ -16,6 +16,7 @@ from msif.models.loading import (
     ModelLoadError,
     TokenizerMismatchError,
     backbone_match,
+    check_tokenizer,
     check_tokenizer_matches_model,
     load_model,
     load_model_and_tokenizer,
@@ -183,6 +184,10 @@ def test_mismatched_tokenizer_too_many_tokens(tokenizer, tmp_path):
     model = CAUSAL["gpt_neox"](make_config("gpt_neox", len(tokenizer)))
     with pytest.raises(TokenizerMismatchError, match=rf"mismatched tokenizer: it has {len(big)} tokens .* only {len(tokenizer)} rows"):
         check_tokenizer_matches_model(big, model)
+    for args in ((model, big), (big, model)):
+        with pytest.raises(TokenizerMismatchError, match="mismatched tokenizer"):
+            check_tokenizer(*args)
+    check_tokenizer(model, tokenizer)
     # load_model_and_tokenizer runs the check
     model.save_pretrained(tmp_path / "m")
     big.save_pretrained(tmp_path / "t")

@@ -207,6 +207,13 @@ def check_tokenizer_matches_model(tokenizer, model: nn.Module) -> None:
             )
 
 
+def check_tokenizer(model: nn.Module, tokenizer) -> None:
+    """Same as :func:`check_tokenizer_matches_model`, model first (either order is accepted)."""
+    if isinstance(tokenizer, nn.Module) and not isinstance(model, nn.Module):
+        model, tokenizer = tokenizer, model
+    check_tokenizer_matches_model(tokenizer, model)
+
+
 def load_model_and_tokenizer(
     path_or_id: str | os.PathLike,
     task: str = "causal_lm",
@@ -396,6 +403,7 @@ __all__ = [
     "load_tokenizer",
     "load_model_and_tokenizer",
     "check_tokenizer_matches_model",
+    "check_tokenizer",
     "model_fingerprint",
     "backbone_match",
 ]
