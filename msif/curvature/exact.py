@@ -29,6 +29,7 @@ training mode is evaluated in eval mode (dropout off) and its mode is restored a
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterable, NamedTuple, Sequence
 
@@ -153,6 +154,14 @@ def _eval_mode(model: nn.Module):
 
 
 def _as_float64(model: nn.Module) -> nn.Module:
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "_attn_implementation", None) == "eager":
+        warnings.warn(
+            "the model uses eager attention, which in several HF architectures (GPT-NeoX among them) computes "
+            "the attention softmax in float32: exact curvature is then only float32-accurate there. Load the "
+            "model with attn_implementation='sdpa' for float64 throughout.",
+            stacklevel=3,
+        )
     if all(p.dtype == torch.float64 for p in model.parameters()):
         return model
     return copy.deepcopy(model).double()
@@ -318,8 +327,9 @@ def ggn_vector_product(
 
     Each product runs, per batch, a forward-mode ``jvp`` to the logits (``J v``), multiplies by the
     softmax Hessian at the counted positions, and pulls back with a ``vjp`` (``Jᵀ H J v``); the
-    result is divided by the number of examples ``N``. Same ``G`` as :func:`exact_ggn`. The returned
-    function holds a float64 copy of the model if the model was not float64.
+    result is divided by the number of examples ``N``. Same ``G`` as :func:`exact_ggn`, at the
+    parameters the model has when this is called (a snapshot: later changes to the model are not
+    seen). The returned function holds a float64 copy of the model if the model was not float64.
     """
     _check_objective(objective)
     bs = _batches(batches)
