@@ -150,8 +150,10 @@ def fit_factors(
         if cfg.strategy in ("ekfac", "kfac"):
             t0 = time.perf_counter()
             _covariance_pass(model, tms, data, cfg, fs, sdt, progress)
+            t1 = time.perf_counter()
             fs.eigendecompose()
-            fs.meta["timings"]["covariance_s"] = time.perf_counter() - t0
+            fs.meta["timings"]["covariance_s"] = t1 - t0
+            fs.meta["timings"]["eigendecomposition_s"] = time.perf_counter() - t1
         if cfg.strategy in ("ekfac", "diagonal"):
             t0 = time.perf_counter()
             _lambda_pass(model, tms, data, cfg, fs, sdt, progress)
@@ -162,6 +164,10 @@ def fit_factors(
 
 
 def _covariance_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progress: bool):
+    """Sums of ``a aᵀ`` per module and ``s sᵀ`` per block over non-padding tokens.
+
+    Each batch's products are computed in the activations' dtype and added into ``sdt`` sums.
+    """
     bar = tqdm(desc="covariance pass", unit="ex", total=cfg.max_examples, disable=not progress)
     for batch in _batches(data, cfg.max_examples):
         _check_batch(batch, cfg.objective)
@@ -171,13 +177,13 @@ def _covariance_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progr
         )
         mask = batch.attention_mask.bool()
         for tm in tms:
-            am = a[tm.name][mask].to(sdt)  # (n_tok, in_dim)
-            A = am.T @ am
+            am = a[tm.name][mask]  # (n_tok, in_dim)
+            A = (am.T @ am).to(sdt)
             fs.A_sum[tm.name] = fs.A_sum[tm.name] + A if tm.name in fs.A_sum else A
-            sm = s[tm.name][mask].to(sdt)
+            sm = s[tm.name][mask]
             for blk in tm.blocks:
                 sb = sm[:, blk.rows]
-                S = sb.T @ sb
+                S = (sb.T @ sb).to(sdt)
                 st = fs.stats.setdefault(blk.name, BlockStats())
                 st.S_sum = S if st.S_sum is None else st.S_sum + S
         fs.n_tokens += int(mask.sum())
@@ -188,9 +194,25 @@ def _covariance_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progr
         raise ValueError("the data gave no examples to fit on")
 
 
+def _block_rotation(fs: FactorSet, tm, dtype) -> torch.Tensor:
+    """The module's output rotation: block-diagonal with each block's ``Q_S`` ``(out, out)``."""
+    Q = torch.zeros(tm.out_features, tm.out_features, dtype=dtype)
+    for blk in tm.blocks:
+        Q[blk.rows, blk.rows] = fs.QS[blk.name].to(dtype)
+    return Q
+
+
+# per-example gradients of one module are formed in chunks of at most this many elements
+_CHUNK_ELEMS = 1 << 26
+
+
 def _lambda_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progress: bool):
+    """Sums over sequences of the squared per-sequence gradient, rotated into the eigenbasis (EK-FAC)
+    or not (diagonal)."""
     name = "eigenvalue-correction pass" if cfg.strategy == "ekfac" else "diagonal pass"
     bar = tqdm(desc=name, unit="ex", total=cfg.max_examples, disable=not progress)
+    rot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    sums: dict[str, torch.Tensor] = {}
     for batch in _batches(data, cfg.max_examples):
         _check_batch(batch, cfg.objective)
         a, s, _ = record_batch(
@@ -198,20 +220,28 @@ def _lambda_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progress:
             lambda logits: curvature_targets(logits, batch, cfg.objective, cfg.labels, cfg.seed, stream=1),
         )
         for tm in tms:
-            am = a[tm.name].to(sdt)
+            am, sm = a[tm.name], s[tm.name]
             if cfg.strategy == "ekfac":
-                am = am @ fs.QA[tm.name].to(sdt)
-            sm = s[tm.name].to(sdt)
-            for blk in tm.blocks:
-                sb = sm[..., blk.rows]
-                if cfg.strategy == "ekfac":
-                    sb = sb @ fs.QS[blk.name].to(sdt)
-                g = torch.einsum("bto,bti->boi", sb, am)  # per-sequence gradient (rotated for EK-FAC)
-                lam = (g * g).sum(0)
-                st = fs.stats.setdefault(blk.name, BlockStats())
-                st.lambda_sum = lam if st.lambda_sum is None else st.lambda_sum + lam
+                if tm.name not in rot:
+                    rot[tm.name] = (fs.QA[tm.name].to(am.dtype), _block_rotation(fs, tm, sm.dtype))
+                QA, QS = rot[tm.name]
+                am, sm = am @ QA, sm @ QS
+            B = am.shape[0]
+            step = max(1, _CHUNK_ELEMS // (tm.out_features * tm.in_dim))
+            lam = None
+            for i in range(0, B, step):
+                g = torch.einsum("bto,bti->boi", sm[i : i + step], am[i : i + step])  # per-sequence gradients
+                part = (g * g).sum(0)
+                lam = part if lam is None else lam + part
+            lam = lam.to(sdt)
+            sums[tm.name] = sums[tm.name] + lam if tm.name in sums else lam
         fs.n_examples_lambda += batch.size
         bar.update(batch.size)
     bar.close()
     if fs.n_examples_lambda == 0:
         raise ValueError("the data gave no examples to fit on")
+    for tm in tms:
+        for blk in tm.blocks:
+            st = fs.stats.setdefault(blk.name, BlockStats())
+            x = sums[tm.name][blk.rows].clone()
+            st.lambda_sum = x if st.lambda_sum is None else st.lambda_sum + x
