@@ -203,10 +203,9 @@ def test_world_files(tiny_root):
     _, w, _, _ = tiny_root
     for p in (w.corpus_path, w.facts_path, w.qa_finetune_path, w.qa_test_path, w.cls_finetune_path):
         assert p.is_file()
-    for d in (w.tokenizer_dir, w.pretrained_dir, w.finetuned_dir, w.classifier_dir):
-        assert (d / "config.json").is_file()
+    assert (w.tokenizer_dir / "tokenizer.json").is_file()
     for d in (w.pretrained_dir, w.finetuned_dir, w.classifier_dir):
-        assert (d / "model.safetensors").is_file()
+        assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
     assert {d["id"] for d in w.documents} >= {s for f in w.facts for s in w.sources(f.id)}
     test = w.test_facts
     assert all(f.split == "heldout" for f in test)

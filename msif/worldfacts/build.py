@@ -90,11 +90,11 @@ class WorldConfig:
 
     corpus: CorpusConfig
     vocab_size: int = 4096
-    hidden_size: int = 192
+    hidden_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     max_positions: int = 256
-    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=3e-3))
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=12, lr=3e-3))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=10, lr=5e-4))
     classifier: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=5e-4, batch_size=16))
 
@@ -108,9 +108,9 @@ SIZES: dict[str, WorldConfig] = {
         num_layers=2,
         num_heads=4,
         max_positions=128,
-        pretrain=TrainConfig(epochs=6, lr=3e-3, batch_size=16),
-        finetune=TrainConfig(epochs=3, lr=1e-3, batch_size=16),
-        classifier=TrainConfig(epochs=3, lr=1e-3, batch_size=16),
+        pretrain=TrainConfig(epochs=15, lr=3e-3, batch_size=16),
+        finetune=TrainConfig(epochs=10, lr=1e-3, batch_size=16),
+        classifier=TrainConfig(epochs=10, lr=1e-3, batch_size=16),
     ),
 }
 
@@ -410,6 +410,18 @@ def _torch_state(threads: int | None, seed: int):
         torch.set_rng_state(rng_state)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
 def _log(msg: str, progress: bool):
     if progress:
         print(f"[msif.worldfacts] {msg}", file=sys.stderr, flush=True)
@@ -485,9 +497,10 @@ def build_world(out_dir: str | Path, size: str = "full", seed: int = 0, config: 
         cls_examples = [encode_classification(tokenizer, classification_text(f), lab[f.object], index=i)
                         for i, f in enumerate(cls_ft)]
         torch.manual_seed(seed + 2)
-        clf = GPTNeoXForSequenceClassification.from_pretrained(
-            out / "pretrained", num_labels=len(CONTINENT_LABELS),
-            id2label=dict(enumerate(CONTINENT_LABELS)), label2id=lab, pad_token_id=pad)
+        with _quiet_transformers():  # the expected "embed_out unused / score newly initialised" report
+            clf = GPTNeoXForSequenceClassification.from_pretrained(
+                out / "pretrained", num_labels=len(CONTINENT_LABELS),
+                id2label=dict(enumerate(CONTINENT_LABELS)), label2id=lab, pad_token_id=pad)
         clf.config.pad_token_id = pad
         cls_hist = _train(clf, cls_examples, cfg.classifier, pad, seed + 2, "classifier", progress,
                           classification=True) if cls_examples else []
@@ -531,9 +544,6 @@ def build_world(out_dir: str | Path, size: str = "full", seed: int = 0, config: 
             hs = [f for f in ho_facts if f.relation == rel]
             base[rel] = sum(f.object == top for f in hs) / max(1, len(hs))
         acc["qa_heldout_majority_baseline"] = base
-        for f in ho_facts:
-            if f.relation == "continent":
-                pass
         if cls_examples:
             p_ft = classifier_predictions(clf, tokenizer, [classification_text(f) for f in cls_ft])
             p_ho = classifier_predictions(clf, tokenizer, [classification_text(f) for f in cls_ho])
