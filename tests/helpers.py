@@ -56,3 +56,37 @@ def random_answer_examples(n: int, seed: int = 0, vocab: int = VOCAB) -> list[En
 
 def batches(examples: list[Encoded], batch_size: int, pad_id: int = 0) -> list:
     return [collate(examples[i : i + batch_size], pad_id=pad_id) for i in range(0, len(examples), batch_size)]
+
+
+WORDS_CORPUS = [
+    "the capital of france is paris", "the capital of spain is madrid", "berlin is in germany",
+    "rome is the capital of italy", "lisbon is in portugal", "what is the capital of france",
+    "paris is a city in france", "madrid is a city in spain", "the river in paris is long",
+    "germany has a capital called berlin", "italy is in europe", "portugal is next to spain",
+]
+
+
+def word_tokenizer(sentences=WORDS_CORPUS):
+    """A word-level tokenizer over ``sentences`` with [PAD]=0, [BOS]=1, [EOS]=2, [UNK]=3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[BOS]", "[EOS]", "[UNK]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]")
+
+
+def train_steps(model, batches_, objective: str, steps: int, lr: float = 1e-2, seed: int = 0):
+    """A few Adam steps on the summed loss of ``objective`` (data labels); returns the model."""
+    from msif.objectives import data_targets, model_logits, summed_loss
+
+    torch.manual_seed(seed)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for i in range(steps):
+        b = batches_[i % len(batches_)]
+        opt.zero_grad()
+        summed_loss(model_logits(model, b), data_targets(b, objective)).mean().backward()
+        opt.step()
+    return model.eval()

@@ -92,6 +92,11 @@ def encode_text(tokenizer, text: str, max_length: int | None = None, truncate: b
     return Encoded(ids, [True] * (len(ids) - 1) + [False], index=index)
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt as :func:`encode_prompt_answer` lays it out (BOS, if any, then the prompt)."""
+    return _bos(tokenizer) + _ids(tokenizer, prompt)
+
+
 def encode_prompt_answer(
     tokenizer,
     prompt: str,
