@@ -237,6 +237,9 @@ def test_index_for_another_corpus(built, tmp_path):
         load_index(ix, corpus=shorter)
     copy = write_jsonl(tmp_path / "copy.jsonl", [{"id": f"doc{i}", "text": f"text number {i}"} for i in range(50)])
     load_index(ix, corpus=copy)  # same content elsewhere is fine
+    write_jsonl(path, [{"id": f"doc{i}", "text": f"changed {i}"} for i in range(60)])
+    with pytest.warns(UserWarning, match="changed on disk"):
+        load_index(ix)  # without a corpus argument: a cheap size/mtime warning
 
 
 def test_wrong_query_model_dimension(built):

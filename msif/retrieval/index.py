@@ -650,4 +650,20 @@ def load_index(
     vi = VectorIndex(folder, meta, index, ids, encoder=encoder)
     if corpus is not None:
         vi.check_corpus(corpus)
+    else:
+        _warn_if_corpus_changed(meta, folder)
     return vi
+
+
+def _warn_if_corpus_changed(meta: dict, folder: Path) -> None:
+    """Cheap check without a corpus argument: warn if the recorded corpus file's size/mtime moved."""
+    stored = meta.get("corpus") or {}
+    p = Path(stored.get("path", ""))
+    if not stored or not p.is_file():  # folders and missing/moved corpora: nothing cheap to compare
+        return
+    st = p.stat()
+    if st.st_size != stored.get("bytes") or st.st_mtime_ns != stored.get("mtime_ns"):
+        warnings.warn(
+            f"The corpus {str(p)!r} changed on disk since index {str(folder)!r} was built; row numbers and ids "
+            "may no longer match. Pass corpus= to load_index to check its content, or rebuild the index."
+        )
