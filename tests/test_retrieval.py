@@ -86,6 +86,11 @@ def test_encoder_normalised_float32(minilm):
     assert e.dtype == np.float32 and e.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
     assert minilm.name == "sentence-transformers/all-MiniLM-L6-v2"
+    from msif.retrieval.embed import as_encoder
+
+    wrapped = as_encoder(minilm.model)  # a bare SentenceTransformer is accepted too
+    assert wrapped.dim == 384
+    np.testing.assert_allclose(wrapped.encode(["a sentence"]), e[:1], atol=1e-5)
 
 
 def test_embedding_index_finds_paraphrase(facts_path, tmp_path, minilm):
@@ -167,6 +172,16 @@ def test_auto_index_type(tmp_path, monkeypatch):
     assert vi.kind == "ivf" and vi.meta["index"]["requested"] == "auto"
     with pytest.raises(InputError, match="index_type"):
         build_index_from_vectors(x, tmp_path / "c", index_type="annoy")
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 60])
+def test_approximate_index_on_tiny_corpora(tmp_path, n):
+    x = np.random.default_rng(n).standard_normal((n, 8)).astype(np.float32)
+    for kind in ("ivf", "hnsw"):
+        vi = build_index_from_vectors(x, tmp_path / kind, index_type=kind)
+        hits = vi.search_vectors(x, k=n)
+        assert sorted(hits.rows[0].tolist()) == list(range(n))  # everything is found
+        assert hits.rows[:, 0].tolist() == list(range(n))  # each vector's best match is itself
 
 
 def test_hnsw_index(tmp_path):

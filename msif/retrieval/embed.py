@@ -21,7 +21,7 @@ import numpy as np
 
 from msif.data.encoding import InputError
 
-__all__ = ["DEFAULT_MODEL", "SentenceEncoder", "load_encoder", "resolve_model", "l2_normalize"]
+__all__ = ["DEFAULT_MODEL", "SentenceEncoder", "as_encoder", "load_encoder", "resolve_model", "l2_normalize"]
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {None, "", "default", "all-MiniLM-L6-v2", DEFAULT_MODEL}
@@ -97,6 +97,22 @@ class SentenceEncoder:
 
     def __repr__(self) -> str:
         return f"SentenceEncoder({self.name!r}, dim={self.dim})"
+
+
+def as_encoder(model=None, device: str | None = None):
+    """Return an encoder for ``model``: an encoder object as is, a ``SentenceTransformer`` wrapped,
+    anything else (``None``, a folder, a hub id) through :func:`load_encoder`."""
+    if model is not None and hasattr(model, "encode") and hasattr(model, "dim") and hasattr(model, "name"):
+        return model
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:  # pragma: no cover - a declared dependency
+        SentenceTransformer = ()
+    if isinstance(model, SentenceTransformer):
+        card = getattr(model, "model_card_data", None)
+        name = getattr(card, "base_model", None) or getattr(card, "model_id", None) or "custom-sentence-transformer"
+        return SentenceEncoder(model, str(name))
+    return load_encoder(model, device=device)
 
 
 def load_encoder(model: str | os.PathLike | None = None, device: str | None = None) -> SentenceEncoder:

@@ -109,7 +109,10 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = 65
 
 def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     """Mean over queries of |approx ∩ exact| / |exact| (rows of ``-1`` in ``approx`` never match)."""
-    hits = [len(set(a[a >= 0].tolist()) & set(e.tolist())) / max(len(e), 1) for a, e in zip(approx_rows, exact_rows)]
+    hits = [
+        len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) / max(int((e >= 0).sum()), 1)
+        for a, e in zip(np.asarray(approx_rows), np.asarray(exact_rows))
+    ]
     return float(np.mean(hits)) if hits else 1.0
 
 
@@ -197,6 +200,8 @@ def _calibrate(index, kind: str, vectors: np.ndarray, k: int, n_queries: int, ta
     n = len(vectors)
     if kind == "flat":
         return {}, {"recall": 1.0, "note": "exact search"}
+    if n < 3:  # nothing to calibrate on: search everything
+        return ({"nprobe": int(index.nlist)} if kind == "ivf" else {"ef_search": max(k, 16)}), {"recall": 1.0, "note": "too few vectors to calibrate"}
     k = max(1, min(k, n - 1))
     rng = np.random.default_rng(seed + 1)
     qrows = np.sort(rng.choice(n, size=min(n_queries, n), replace=False))
@@ -520,7 +525,7 @@ def build_index(
     Duplicate doc ids are rejected before any embedding work. Returns the loaded
     :class:`VectorIndex`.
     """
-    from msif.retrieval.embed import load_encoder
+    from msif.retrieval.embed import as_encoder
 
     out_dir = Path(out_dir)
     if isinstance(corpus_path, Corpus):
@@ -528,7 +533,7 @@ def build_index(
     else:
         corpus = Corpus(corpus_path, text_field=text_field, id_field=id_field, split=split)
     prepare_out_dir(out_dir, overwrite, "Index")
-    encoder = model if (model is not None and hasattr(model, "encode") and hasattr(model, "dim")) else load_encoder(model, device=device)
+    encoder = as_encoder(model, device=device)
     n, d = len(corpus), int(encoder.dim)
     fp = corpus.fingerprint()
     stamp = {"corpus": fp["sample_sha256"], "n": n, "model": getattr(encoder, "name", None), "dim": d}
@@ -643,9 +648,9 @@ def load_index(
         )
     encoder = None
     if model is not None:
-        from msif.retrieval.embed import load_encoder
+        from msif.retrieval.embed import as_encoder
 
-        encoder = model if hasattr(model, "encode") and hasattr(model, "dim") else load_encoder(model)
+        encoder = as_encoder(model)
         _check_encoder(encoder, meta, folder)
     vi = VectorIndex(folder, meta, index, ids, encoder=encoder)
     if corpus is not None:
