@@ -150,6 +150,28 @@ def test_build_index_streams_corpus_into_exact_embeddings(tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "datasets", "jsonl-no-ids"])
+def test_build_index_from_other_formats(tmp_path, fmt):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"key": f"k{i}", "body": f"body {i}"} for i in range(30)]
+    if fmt == "parquet":
+        path, kw = tmp_path / "c.parquet", {"text_field": "body", "id_field": "key"}
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
+    elif fmt == "datasets":
+        path, kw = tmp_path / "c_ds", {"text_field": "body", "id_field": "key"}
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    else:
+        path, kw = write_jsonl(tmp_path / "c.jsonl", [{"text": r["body"]} for r in rows]), {}
+    enc = HashEncoder()
+    vi = build_index(path, tmp_path / "ix", model=enc, batch_size=4, progress=False, **kw)
+    hits = load_index(tmp_path / "ix", corpus=Corpus(path, **{k: v for k, v in kw.items()})).search_vectors(enc.vec("body 17"), 2)
+    assert hits.doc_ids[0][0] == ("17" if fmt == "jsonl-no-ids" else "k17")
+    assert vi.meta["corpus"]["format"] == fmt.split("-")[0]
+
+
 def test_ivf_recall_with_default_search_settings(tmp_path):
     allx = clustered_unit_vectors(20_000 + 200, 128, seed=3)
     x, q = allx[:20_000], allx[20_000:]

@@ -448,11 +448,20 @@ class _DatasetsBackend:
 
 @dataclass
 class CorpusBatch:
-    """A run of consecutive rows: ``texts[j]`` and ``ids[j]`` belong to row ``start + j``."""
+    """A run of consecutive rows: ``texts[j]`` and ``ids[j]`` belong to row ``start + j``.
+
+    ``texts`` holds the values of the field asked for in :meth:`Corpus.iter_batches` (the text field
+    by default); ``values`` is an alias.
+    """
 
     start: int
     texts: list
     ids: list[str]
+
+    @property
+    def values(self) -> list:
+        """Alias of ``texts`` for batches of a field other than the text."""
+        return self.texts
 
     @property
     def rows(self) -> range:

@@ -551,8 +551,12 @@ def build_index(
     if done == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        # pass 1: ids (rejects duplicates before the expensive part)
-        _write_ids(tmp / IDS_FILE, (b.ids for b in corpus.iter_batches(8192, field=None, check_ids=True)))
+        # pass 1: ids (rejects duplicates before the expensive part); row numbers need no reading
+        if corpus.has_ids:
+            id_batches = (b.ids for b in corpus.iter_batches(8192, field=None, check_ids=True))
+        else:
+            id_batches = ([str(i) for i in range(lo, min(lo + 65_536, n))] for lo in range(0, n, 65_536))
+        _write_ids(tmp / IDS_FILE, id_batches)
         emb = np.lib.format.open_memmap(tmp / _EMB_FILE, mode="w+", dtype=np.float32, shape=(n, d))
         write_json_atomic(progress_path, {"stamp": stamp, "rows_done": 0})
     else:
