@@ -62,7 +62,7 @@ def run_synthetic(n: int, d: int, n_queries: int, k: int, types: list[str], repe
             build_index_from_vectors(corpus, os.path.join(tmp, "ix"), index_type=kind, seed=seed)
             t_build = time.perf_counter() - t
             vi = load_index(os.path.join(tmp, "ix"))
-            t_approx, hits = best_time(lambda: vi.search_vectors(queries, k), repeats)
+            t_approx, hits = best_time(lambda vi=vi: vi.search_vectors(queries, k), repeats)
             results.append(
                 {
                     "index": vi.kind,

@@ -3,7 +3,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 from msif.data.corpus import Corpus, _scan_line_offsets, detect_format, fingerprints_match, iter_records
@@ -246,6 +245,9 @@ def test_invalid_json_row(tmp_path):
         c[1]
     assert c[2]["id"] == "c"  # other rows stay readable
     p.write_text('[1, 2]\n')
+    with pytest.raises(InputError, match="JSON array"):
+        Corpus(p)
+    p.write_text('[\n  {"text": "a"}\n]\n')
     with pytest.raises(InputError, match="JSON array"):
         Corpus(p)
     p.write_text('{"text": "a"}\n"just a string"\n')

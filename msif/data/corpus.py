@@ -132,6 +132,11 @@ class _JsonlBackend:
             where = self._where(row, line)
             msg = getattr(e, "msg", str(e))
             snippet = raw[:80].decode("utf-8", "replace")
+            if row == 0 and raw.strip().startswith(b"["):
+                raise InputError(
+                    f"{str(self.path)!r} looks like a JSON array, not JSON lines. Write one object per line "
+                    "(e.g. `jq -c '.[]' in.json > out.jsonl`)."
+                ) from None
             raise InputError(
                 f"{str(self.path)!r}: {where} is not valid JSON ({msg}): {snippet!r}. Each line of a "
                 "JSONL corpus must be one JSON object; fix or delete that line."
@@ -614,7 +619,7 @@ class Corpus:
             return r
         if self._row_of is None:
             seen: dict[str, int] = {}
-            for b in self.iter_batches(8192, field=None, check_ids=True, _seen=seen):
+            for _ in self.iter_batches(8192, field=None, check_ids=True, _seen=seen):
                 pass
             self._row_of = seen
         return self._row_of[str(doc_id)]

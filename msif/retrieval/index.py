@@ -235,7 +235,7 @@ def _calibrate(index, kind: str, vectors: np.ndarray, k: int, n_queries: int, ta
         "tried": tried,
     }
     if rec < target:
-        warnings.warn(f"calibration reached recall {rec:.3f} < target {target} even at {key}={chosen}")
+        warnings.warn(f"calibration reached recall {rec:.3f} < target {target} even at {key}={chosen}", stacklevel=3)
     return {key: int(chosen)}, calib
 
 
@@ -342,7 +342,8 @@ def _check_encoder(encoder, meta: dict, folder) -> None:
     if meta["model"].get("name") and getattr(encoder, "name", None) != meta["model"]["name"]:
         warnings.warn(
             f"Index {str(folder)!r} was built with {meta['model']['name']!r}; querying with {encoder.name!r}. "
-            "Scores are only meaningful if both embed alike."
+            "Scores are only meaningful if both embed alike.",
+            stacklevel=3,
         )
 
 
@@ -674,5 +675,6 @@ def _warn_if_corpus_changed(meta: dict, folder: Path) -> None:
     if st.st_size != stored.get("bytes") or st.st_mtime_ns != stored.get("mtime_ns"):
         warnings.warn(
             f"The corpus {str(p)!r} changed on disk since index {str(folder)!r} was built; row numbers and ids "
-            "may no longer match. Pass corpus= to load_index to check its content, or rebuild the index."
+            "may no longer match. Pass corpus= to load_index to check its content, or rebuild the index.",
+            stacklevel=3,
         )
