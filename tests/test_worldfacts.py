@@ -259,3 +259,27 @@ def test_tiny_build_deterministic(tiny_root, tmp_path):
             assert torch.equal(a[k], b[k]), (sub, k)
     assert meta["test_facts"] == w.meta["test_facts"]
     assert meta["accuracy"] == w.meta["accuracy"]
+
+
+def test_classifier_head_init_matches_lm(tiny_root):
+    """The new head starts as the LM head's label-word rows: same scores as the LM's next-token logits."""
+    from transformers import GPTNeoXForSequenceClassification
+
+    _, w, _, _ = tiny_root
+    tok, lm = w.load_tokenizer(), w.load_pretrained()
+    labels = w.continent_labels
+    clf = GPTNeoXForSequenceClassification.from_pretrained(w.pretrained_dir, num_labels=len(labels),
+                                                           pad_token_id=tok.pad_token_id).eval()
+    wb._init_head_from_label_words(clf, lm, tok, labels)
+    rows = [tok(" " + c, add_special_tokens=False)["input_ids"][0] for c in labels]
+    assert len(set(rows)) == len(rows)
+    texts = [f.question for f in w.facts if f.relation == "continent"][:5]
+    ids = tok(texts[0], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        want = lm(input_ids=ids).logits[0, -1, rows]
+        got = clf(input_ids=ids).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # batched with right padding, the classifier pools the last real token of each row
+    preds = wb.classifier_predictions(clf, tok, texts)
+    single = [int(clf(input_ids=tok(t, return_tensors="pt")["input_ids"]).logits.argmax()) for t in texts]
+    assert preds == single
