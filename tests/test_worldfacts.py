@@ -204,8 +204,13 @@ def test_world_files(tiny_root):
     for p in (w.corpus_path, w.facts_path, w.qa_finetune_path, w.qa_test_path, w.cls_finetune_path):
         assert p.is_file()
     assert (w.tokenizer_dir / "tokenizer.json").is_file()
+    from transformers import AutoTokenizer
+
+    ref = w.load_tokenizer()
     for d in (w.pretrained_dir, w.finetuned_dir, w.classifier_dir):
         assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+        tok = AutoTokenizer.from_pretrained(d)  # each model directory is self-contained
+        assert tok.get_vocab() == ref.get_vocab() and tok.pad_token_id == ref.pad_token_id
     assert {d["id"] for d in w.documents} >= {s for f in w.facts for s in w.sources(f.id)}
     test = w.test_facts
     assert all(f.split == "heldout" for f in test)

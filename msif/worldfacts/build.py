@@ -33,7 +33,8 @@ Layout of a world directory::
     qa_test.jsonl         {"fact_id", "prompt", "answer"}: the test facts
     cls_finetune.jsonl    {"fact_id", "text", "label"}: the classifier's training data
     cls_heldout.jsonl     {"fact_id", "text", "label"}: the classifier's held-out data
-    tokenizer/ pretrained/ finetuned/ classifier/   save_pretrained outputs (safetensors)
+    tokenizer/ pretrained/ finetuned/ classifier/   save_pretrained outputs (safetensors); each model
+                                                    directory holds a copy of the tokenizer too
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ from msif.data.encoding import collate, encode_classification, encode_prompt_ans
 from msif.worldfacts.corpus import Corpus, CorpusConfig, Fact, build_corpus, read_jsonl, write_corpus, write_jsonl
 
 #: Bump when anything that changes the built artefacts changes (invalidates caches).
-BUILD_VERSION = "2"
+BUILD_VERSION = "3"
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -490,6 +491,7 @@ def build_world(out_dir: str | Path, size: str = "full", seed: int = 0, config: 
         model = GPTNeoXForCausalLM(_lm_config(tokenizer, cfg))
         pt_hist = _train(model, docs, cfg.pretrain, pad, seed, "pre-training", progress)
         model.save_pretrained(out / "pretrained")
+        tokenizer.save_pretrained(out / "pretrained")
         timings["pretrain"] = time.perf_counter() - t0
         _log(f"pre-training: {n_tokens} tokens x {cfg.pretrain.epochs} epochs, loss {pt_hist[0]:.3f} -> "
              f"{pt_hist[-1]:.3f} ({timings['pretrain']:.1f}s)", progress)
@@ -502,6 +504,7 @@ def build_world(out_dir: str | Path, size: str = "full", seed: int = 0, config: 
         ft_model = GPTNeoXForCausalLM.from_pretrained(out / "pretrained")
         ft_hist = _train(ft_model, qa, cfg.finetune, pad, seed + 1, "QA fine-tuning", progress)
         ft_model.save_pretrained(out / "finetuned")
+        tokenizer.save_pretrained(out / "finetuned")
         timings["finetune"] = time.perf_counter() - t0
         _log(f"QA fine-tuning: {len(qa)} pairs, loss {ft_hist[0]:.3f} -> {ft_hist[-1]:.3f} "
              f"({timings['finetune']:.1f}s)", progress)
@@ -523,6 +526,7 @@ def build_world(out_dir: str | Path, size: str = "full", seed: int = 0, config: 
         cls_hist = _train(clf, cls_examples, cfg.classifier, pad, seed + 2, "classifier", progress,
                           classification=True) if cls_examples else []
         clf.save_pretrained(out / "classifier")
+        tokenizer.save_pretrained(out / "classifier")
         timings["classifier"] = time.perf_counter() - t0
         _log(f"classifier: {len(cls_examples)} examples ({timings['classifier']:.1f}s)", progress)
 
