@@ -120,6 +120,10 @@ def fit(
     )
 
 
+bench_app = typer.Typer(help="Experiments of the paper (fact tracing, scalability).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
 def main():
     app()
 
