@@ -212,6 +212,9 @@ def test_world_files(tiny_root):
         tok = AutoTokenizer.from_pretrained(d)  # each model directory is self-contained
         assert tok.get_vocab() == ref.get_vocab() and tok.pad_token_id == ref.pad_token_id
     assert {d["id"] for d in w.documents} >= {s for f in w.facts for s in w.sources(f.id)}
+    f0 = w.facts[0]
+    assert f0.id in w.document(w.sources(f0.id)[0])["facts"]
+    assert f0.id not in w.document(w.hard_negatives(f0.id)[0])["facts"]
     test = w.test_facts
     assert all(f.split == "heldout" for f in test)
     assert [f.id for f in test] == w.meta["test_facts"]

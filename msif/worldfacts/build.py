@@ -180,6 +180,12 @@ class World:
             self._documents = read_jsonl(self.corpus_path)
         return self._documents
 
+    def document(self, doc_id: str) -> dict:
+        """The document with this id (``{"id", "text", "facts", "mentions"}``)."""
+        if getattr(self, "_doc_index", None) is None:
+            self._doc_index = {d["id"]: d for d in self.documents}
+        return self._doc_index[doc_id]
+
     @property
     def facts(self) -> list[Fact]:
         if self._facts is None:
