@@ -26,6 +26,9 @@ console = Console(stderr=True, soft_wrap=True)
 @app.callback()
 def _root():
     """msif: which pre-training documents made a fine-tuned LLM say this? (multi-stage influence, EK-FAC)"""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars would clutter tables and JSON
 
 
 class Objective(str, Enum):
@@ -120,8 +123,272 @@ def fit(
     )
 
 
+@app.command()
+@user_errors
+def index(
+    corpus: Path = typer.Argument(..., help="Pre-training corpus: JSONL, Parquet or a saved `datasets` folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the index to (atomically)."),
+    model: Optional[str] = typer.Option(None, help="Sentence-Transformers model (default: the bundled all-MiniLM-L6-v2)."),
+    index_type: str = typer.Option("auto", help="auto (exact below 50k documents, IVF above), flat, ivf or hnsw."),
+    batch_size: int = typer.Option(128, help="Texts per embedding batch."),
+    text_field: str = typer.Option("text", help="Field with the text."),
+    id_field: str = typer.Option("id", help="Field with the document id (row numbers when absent)."),
+    lexical: bool = typer.Option(False, help="Also build a BM25 index (in OUT/bm25)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing index in OUT."),
+    device: Optional[str] = typer.Option(None, help="Device for the embedding model."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Embed CORPUS (streamed) into a persisted FAISS index for candidate selection."""
+    from .retrieval import BM25Index, build_index
+
+    idx = build_index(str(corpus), out, model=model, index_type=index_type, batch_size=batch_size, text_field=text_field,
+                      id_field=id_field, progress=progress, overwrite=overwrite, device=device)
+    if lexical:
+        from .data.corpus import Corpus
+
+        bm = BM25Index.build(Corpus(str(corpus), text_field=text_field, id_field=id_field))
+        bm.save(out / "bm25", overwrite=True)
+    console.print(f"[green]indexed[/] {len(idx)} documents → {out}")
+
+
+class Method(str, Enum):
+    ms_if = "ms-if"
+    ss_if = "ss-if"
+    gdp = "gdp"
+    repsim = "repsim"
+    bm25 = "bm25"
+    tfidf = "tfidf"
+    embedding = "embedding"
+
+
+def _read_queries(prompt, answer, label, queries_file):
+    from .data.corpus import iter_records
+    from .data.encoding import InputError
+    from .influence.attribute import Query
+
+    if queries_file is not None:
+        out = []
+        for i, r in enumerate(iter_records(str(queries_file))):
+            if "prompt" not in r:
+                raise InputError(f"{queries_file} row {i} has no 'prompt' field")
+            out.append(Query(r["prompt"], r.get("answer"), r.get("label"), str(r.get("id", i))))
+        if not out:
+            raise InputError(f"{queries_file} holds no queries")
+        return out
+    if prompt is None:
+        raise InputError("give a query with --prompt TEXT [--answer TEXT], or many with --queries FILE.jsonl")
+    return [Query(prompt, answer, label, "0")]
+
+
+def highlight_segments(tokens: list[str], scores: list[float], n: int = 3, width: int = 220) -> list[tuple[str, bool]]:
+    """A snippet around the most influential token: ``(text, is_top)`` pieces, the top ``n`` positive
+    tokens flagged (leading "…"/trailing "…" pieces when the document is cut)."""
+    if not tokens:
+        return []
+    top = {i for i in sorted(range(len(scores)), key=lambda i: -scores[i])[:n] if scores[i] > 0}
+    centre = max(range(len(scores)), key=lambda i: scores[i])
+    lo = hi = centre
+    length = len(tokens[centre])
+    while length < width and (lo > 0 or hi < len(tokens) - 1):
+        if hi < len(tokens) - 1:
+            hi += 1
+            length += len(tokens[hi])
+        if lo > 0 and length < width:
+            lo -= 1
+            length += len(tokens[lo])
+    out = [("…", False)] if lo > 0 else []
+    for i in range(lo, hi + 1):
+        t = tokens[i].replace("\n", " ")
+        if i in top:
+            lead = t[: len(t) - len(t.lstrip())]
+            if lead:
+                out.append((lead, False))
+            out.append((t.strip(), True))
+        else:
+            out.append((t, False))
+    if hi < len(tokens) - 1:
+        out.append(("…", False))
+    return out
+
+
+@app.command()
+@user_errors
+def attribute(
+    pretrained: str = typer.Option(..., "--pretrained", help="Pre-trained model (θ_pt): checkpoint folder or hub id."),
+    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model (θ_ft): causal LM or sequence classifier."),
+    corpus: Path = typer.Option(..., "--corpus", help="Pre-training corpus (JSONL, Parquet, `datasets` folder)."),
+    pretrained_factors: Optional[Path] = typer.Option(None, "--pretrained-factors", help="Factors of θ_pt (`msif fit --objective lm`)."),
+    finetuned_factors: Optional[Path] = typer.Option(None, "--finetuned-factors", help="Factors of θ_ft (`msif fit --objective answer|classification`)."),
+    index_dir: Optional[Path] = typer.Option(None, "--index", help="Embedding index of the corpus (`msif index`) for candidate selection."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The question asked to the fine-tuned model."),
+    answer: Optional[str] = typer.Option(None, "--answer", help="The answer to attribute (default: greedy-decoded)."),
+    label: Optional[int] = typer.Option(None, "--label", help="Class id for a classification fine-tune (default: predicted)."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="JSONL of queries (prompt, optional answer / label / id)."),
+    method: Method = typer.Option(Method.ms_if, "--method", help="ms-if, ss-if, gdp, repsim, or the retrieval scores alone: bm25, tfidf, embedding."),
+    candidates: int = typer.Option(100, "--candidates", help="K nearest neighbours to rerank per query."),
+    top: int = typer.Option(10, "--top", help="Documents to show per query."),
+    damping_pt: str = typer.Option("0.1x", "--damping-pt", help="λ_pt: absolute (1e-4) or relative to the mean eigenvalue (0.1x)."),
+    damping_ft: str = typer.Option("0.1x", "--damping-ft", help="λ_ft: absolute or relative (0.1x)."),
+    retriever: str = typer.Option("auto", help="Candidates without --index: auto (all documents of a small corpus), bm25, tfidf or all."),
+    template: str = typer.Option("plain", help="Prompt template: plain or chat (the tokenizer's chat template)."),
+    rank: Optional[int] = typer.Option(None, help="Low-rank query vectors (rank per block) for faster scoring."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer of θ_pt (default: the pre-trained model's)."),
+    text_field: str = typer.Option("text", help="Corpus field with the text."),
+    id_field: str = typer.Option("id", help="Corpus field with the document id."),
+    batch_size: int = typer.Option(8, help="Candidates per forward/backward pass."),
+    max_length: Optional[int] = typer.Option(None, help="Longest sequence in tokens (default: the model's context)."),
+    truncate: bool = typer.Option(False, help="Truncate over-long documents instead of failing."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
+    device: str = typer.Option("cpu", help="Device, e.g. cuda."),
+):
+    """Rank pre-training documents by their influence on the fine-tuned model's answer."""
+    from .data.corpus import Corpus
+    from .data.encoding import InputError
+    from .influence.attribute import Attributor
+
+    qs = _read_queries(prompt, answer, label, queries)
+    corp = Corpus(str(corpus), text_field=text_field, id_field=id_field)
+    if method in (Method.ms_if, Method.ss_if) and finetuned_factors is None:
+        raise InputError(f"--method {method.value} needs --finetuned-factors (fit them with `msif fit FINETUNED DATA --objective answer`)")
+    if method == Method.ms_if and pretrained_factors is None:
+        raise InputError("--method ms-if needs --pretrained-factors (fit them with `msif fit PRETRAINED CORPUS --objective lm`)")
+    from .models.loading import load_tokenizer
+
+    ft_tok = None
+    if (Path(finetuned) / "tokenizer_config.json").exists():
+        ft_tok = load_tokenizer(finetuned)
+    att = Attributor(
+        pretrained, finetuned, tokenizer or pretrained,
+        pt_factors=str(pretrained_factors) if pretrained_factors and method == Method.ms_if else None,
+        ft_factors=str(finetuned_factors) if finetuned_factors and method in (Method.ms_if, Method.ss_if) else None,
+        ft_tokenizer=ft_tok, damping_pt=damping_pt, damping_ft=damping_ft, template=template, batch_size=batch_size,
+        max_length=max_length, truncate=truncate, device=device,
+    )
+    prepared = att.prepare(qs)
+    search_texts = [p.query.prompt + (" " + p.answer.strip() if p.answer else "") for p in prepared]
+    cand_rows, retr_scores = _candidates(corp, index_dir, retriever, method, search_texts, candidates)
+    if method.value in ("bm25", "tfidf", "embedding"):
+        results = []
+        for qi, p in enumerate(prepared):
+            rows, sc = cand_rows[qi][:top], retr_scores[qi][:top]
+            results.append(dict(prompt=p.query.prompt, answer=p.answer, label=p.label, generated=p.generated, method=method.value,
+                                query_id=p.query.id, results=[dict(rank=i + 1, doc_id=d, row=r, score=float(s), text=t) for i, (d, r, s, t) in
+                                                             enumerate(zip(corp.doc_ids(rows), rows, sc, corp.texts(rows)))]))
+    else:
+        res = att.attribute(prepared, corp, candidates=cand_rows, method=method.value, top=top, rank=rank)
+        results = res.to_json()
+    if as_json:
+        print(json.dumps(results, indent=1))
+        return
+    _print_results(results)
+
+
+def _candidates(corp, index_dir, retriever, method, texts, k):
+    """Per query: candidate corpus rows (best first) and their retrieval scores."""
+    from .data.encoding import InputError
+
+    if method.value == "embedding" and index_dir is None:
+        raise InputError("--method embedding needs --index DIR (build it with `msif index CORPUS --out DIR`)")
+    if index_dir is not None and method.value not in ("bm25", "tfidf"):
+        from .retrieval import load_index
+
+        hits = load_index(index_dir, corpus=corp).search(texts, k=k)
+    elif method.value in ("bm25", "tfidf") or retriever in ("bm25", "tfidf"):
+        from .retrieval import BM25Index, TfidfIndex
+
+        kind = method.value if method.value in ("bm25", "tfidf") else retriever
+        hits = (BM25Index if kind == "bm25" else TfidfIndex).build(corp).search(texts, k=k)
+    else:
+        if retriever == "auto" and len(corp) > 20_000:
+            raise InputError(
+                f"the corpus has {len(corp)} documents: select candidates with an embedding index (`msif index CORPUS --out DIR`, "
+                "then --index DIR) or --retriever bm25; --retriever all scores every document"
+            )
+        rows = list(range(len(corp)))
+        return [rows for _ in texts], [[0.0] * len(rows) for _ in texts]
+    rows = [[int(r) for r in rr if r >= 0] for rr in hits.rows]
+    scores = [[float(s) for s, r in zip(ss, rr) if r >= 0] for ss, rr in zip(hits.scores, hits.rows)]
+    if any(not r for r in rows):
+        raise InputError("the retriever found no candidate document for a query; try another --retriever or a larger --candidates")
+    return rows, scores
+
+
+def _print_results(results):
+    from rich.table import Table
+    from rich.text import Text
+
+    out = Console(soft_wrap=False)
+    for r in results:
+        what = f"label {r['label']}" if r.get("label") is not None else repr(r.get("answer"))
+        gen = " (generated)" if r.get("generated") else ""
+        title = f"{r['method']}: {r['prompt']!r} → {what}{gen}"
+        t = Table(title=Text(title), show_lines=False, expand=False)
+        t.add_column("rank", justify="right")
+        t.add_column("document", overflow="fold")
+        t.add_column("score", justify="right")
+        t.add_column("snippet (most influential tokens highlighted)", overflow="fold")
+        for h in r["results"]:
+            snip = Text()
+            if "tokens" in h:
+                for piece, hot in highlight_segments(h["tokens"], h["token_scores"]):
+                    snip.append(piece, style="bold magenta underline" if hot else None)
+            else:
+                snip.append((h.get("text") or "")[:220])
+            t.add_row(str(h["rank"]), Text(str(h["doc_id"])), f"{h['score']:.4g}", snip)
+        out.print(t)
+        if r.get("role_share"):
+            out.print("share of |influence|: " + ", ".join(f"{k} {v:.1%}" for k, v in r["role_share"].items()))
+
+
 bench_app = typer.Typer(help="Experiments of the paper (fact tracing, scalability).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("fact-tracing")
+@user_errors
+def bench_fact_tracing(
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny world, smaller candidate sets, 2 trials unless --trials (minutes)."),
+    out: Path = typer.Option(Path("runs/fact-tracing"), "--out", help="Folder for fact_tracing.json/.md/.png and the cache."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Trials (query subsets, pools, label-sampling seeds); default 3 (quick: 2)."),
+    queries: Optional[int] = typer.Option(None, "--queries", help="Queries per trial (default 150; all test facts when fewer)."),
+    size: Optional[str] = typer.Option(None, "--size", help="World size preset (default: full; quick: tiny)."),
+    k_candidates: Optional[int] = typer.Option(None, "--candidates", help="Embedding nearest neighbours per query (default 100; quick: 50)."),
+    pool_size: Optional[int] = typer.Option(None, "--pool", help="Fixed rerank pool size (default 100; quick: 50)."),
+    dampings: Optional[str] = typer.Option(None, "--dampings", help="Comma-separated absolute dampings (default 1e-8,...,1e-2)."),
+    classification: bool = typer.Option(True, "--classification/--no-classification", help="Also trace the classification fine-tune."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder for factors and the index (default: OUT/cache)."),
+    threads: int = typer.Option(2, "--threads", help="Torch CPU threads."),
+    progress: bool = typer.Option(True, help="Log the stages on stderr."),
+):
+    """Fact tracing (paper §5.3): MRR / Recall@10 of MS-IF, SS-IF, GDP, RepSim, BM25 and embeddings over dampings."""
+    from dataclasses import replace
+
+    from .eval.fact_tracing import FactTracingConfig, quick_config, run_fact_tracing, write_outputs
+
+    cfg = quick_config() if quick else FactTracingConfig()
+    over = {"threads": threads, "classification": classification}
+    for name, v in (("trials", trials), ("n_queries", queries), ("size", size), ("k_candidates", k_candidates),
+                    ("pool_size", pool_size)):
+        if v is not None:
+            over[name] = v
+    if dampings:
+        try:
+            over["dampings"] = tuple(float(x) for x in dampings.split(",") if x.strip())
+        except ValueError:
+            _fail(f"--dampings must be comma-separated numbers, not {dampings!r}")
+    if over.get("trials", 1) < 1 or over.get("n_queries", 1) < 1:
+        _fail("--trials and --queries must be ≥ 1")
+    cfg = replace(cfg, **over)
+    res = run_fact_tracing(cfg, cache_dir=cache or out / "cache", progress=progress)
+    paths = write_outputs(res, out)
+    console.print(f"[green]fact tracing[/] done in {res['timings_s']['total']:.1f}s → "
+                  + ", ".join(str(p) for p in paths.values()))
+    console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["timings_s"].items()))
+    if json_out:
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+    else:
+        console.print(paths["markdown"].read_text(), markup=False, highlight=False)
 
 
 def main():

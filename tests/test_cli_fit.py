@@ -50,8 +50,18 @@ def checkpoint(tmp_path_factory):
 
 
 def run(*args):
+    """Exit code and stdout + stderr of ``msif ARGS``."""
     r = CliRunner().invoke(app, [str(a) for a in args])
     return r.exit_code, r.output
+
+
+def run_json(*args):
+    """Exit code and the parsed JSON that ``msif ARGS --json`` prints on stdout."""
+    import json as _json
+
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return _json.loads(r.stdout)
 
 
 @pytest.mark.parametrize("objective,data,model", [("lm", "lm.jsonl", "lm"), ("answer", "qa.jsonl", "lm"), ("classification", "cls.jsonl", "cls")])

@@ -19,7 +19,7 @@ from ..data.encoding import Batch
 from ..models.adapters import tracked_modules
 from ..objectives import check_objective, curvature_targets, data_targets, model_logits, summed_loss
 from .factors import STRATEGIES, BlockStats, FactorSet
-from .hooks import Recorder, token_mask
+from .hooks import Recorder
 
 
 @dataclass
@@ -48,13 +48,16 @@ class FitConfig:
         return self
 
 
-def record_batch(model: nn.Module, tms, batch: Batch, targets_fn) -> tuple[dict, dict, torch.Tensor]:
+def record_batch(model: nn.Module, tms, batch: Batch, targets_fn, append_ones: bool = True) -> tuple[dict, dict, torch.Tensor]:
     """One forward + activation-only backward with hooks.
 
     ``targets_fn(logits) -> targets`` gives the labels of the loss. Returns ``(a, s, logits)`` where
-    ``a[module]`` is ``(B, T, in_dim)`` (zeroed at padding) and ``s[module]`` is ``(B, T, out)``.
+    ``a[module]`` is ``(B, T, in_dim)`` (``(B, T, in_features)`` with ``append_ones=False``) and
+    ``s[module]`` is ``(B, T, out)``. With right padding and causal attention, ``s`` is exactly zero at
+    padding positions (no loss there, and no real token sees them), so ``Σ_t s_t a_tᵀ`` needs no mask;
+    ``a`` is *not* zeroed at padding (the covariance pass selects real tokens itself).
     """
-    with Recorder(model, tms) as rec:
+    with Recorder(model, tms, append_ones=append_ones) as rec:
         logits = model_logits(model, batch)
         targets = targets_fn(logits)
         loss = summed_loss(logits, targets).sum()
@@ -65,8 +68,6 @@ def record_batch(model: nn.Module, tms, batch: Batch, targets_fn) -> tuple[dict,
             )
         s = rec.output_grads(loss)
         a = rec.inputs
-    mask = batch.attention_mask
-    a = {n: x * token_mask(mask, x) for n, x in a.items()}
     return a, s, logits.detach()
 
 

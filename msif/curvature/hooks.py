@@ -39,10 +39,11 @@ class Recorder:
     of ones appended when the layer has a bias), detached.
     """
 
-    def __init__(self, model: nn.Module, tms: list[TrackedModule], record_inputs: bool = True):
+    def __init__(self, model: nn.Module, tms: list[TrackedModule], record_inputs: bool = True, append_ones: bool = True):
         self.model = model
         self.tms = tms
         self.record_inputs = record_inputs
+        self.append_ones = append_ones
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles = []
@@ -52,7 +53,7 @@ class Recorder:
         def hook(mod, args, output):
             if self.record_inputs:
                 a = args[0].detach()
-                if tm.bias:
+                if tm.bias and self.append_ones:
                     a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
                 self.inputs[tm.name] = a
             self.outputs[tm.name] = output
@@ -88,8 +89,3 @@ class Recorder:
             out[n] = torch.zeros_like(self.outputs[n]) if g is None else g
         self.outputs.clear()
         return out
-
-
-def token_mask(attention_mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(B, T, 1)`` float mask in ``like``'s dtype: 1 for real tokens, 0 for padding."""
-    return attention_mask.to(like.dtype).unsqueeze(-1)

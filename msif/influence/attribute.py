@@ -187,9 +187,12 @@ class Attributor:
         if not prompt_ids:
             raise InputError("the prompt is empty")
         n_prompt = len(prompt_ids)
+        room = self.max_new_tokens if self.max_length is None else min(self.max_new_tokens, self.max_length - n_prompt)
+        if room < 1:
+            raise InputError(f"the prompt is {n_prompt} tokens long, leaving no room for an answer within max_length={self.max_length}")
         ids = torch.tensor([prompt_ids], device=self.device)
         eos = self.ft_tok.eos_token_id
-        out = self.ft.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens, do_sample=False,
+        out = self.ft.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=room, do_sample=False,
                                pad_token_id=pad_token_id(self.ft_tok), eos_token_id=eos)
         new = out[0, n_prompt:].tolist()
         if eos is not None and eos in new:
@@ -350,15 +353,18 @@ class Attributor:
         return out
 
     # --------------------------------------------------------------------------- whole thing
-    def attribute(self, queries: Sequence[Query], corpus, candidates: Sequence[Sequence[int]] | None = None,
+    def attribute(self, queries: Sequence[Query | PreparedQuery], corpus, candidates: Sequence[Sequence[int]] | None = None,
                   method: str = "ms-if", top: int = 10, per_token: bool = True, rank: int | None = None,
                   text_field: str = "text") -> Attribution:
         """Rank candidate rows of ``corpus`` (a :class:`msif.data.corpus.Corpus` or a list of texts) per query.
 
         ``candidates``: per query, the corpus rows to rerank (e.g. from the embedding index); ``None``
         scores every document (fine for small corpora). Queries sharing a candidate set share one pass.
+        Already prepared queries (:meth:`prepare`) are used as they are (their answers are not re-generated).
         """
-        prepared = self.prepare(list(queries))
+        todo = [q for q in queries if not isinstance(q, PreparedQuery)]
+        done = iter(self.prepare(todo)) if todo else iter(())
+        prepared = [q if isinstance(q, PreparedQuery) else next(done) for q in queries]
         texts_of = (lambda rows: corpus.texts(rows)) if hasattr(corpus, "texts") else (lambda rows: [corpus[r] for r in rows])
         ids_of = (lambda rows: corpus.doc_ids(rows)) if hasattr(corpus, "doc_ids") else (lambda rows: [str(r) for r in rows])
         n_docs = len(corpus)

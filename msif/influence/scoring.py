@@ -30,26 +30,34 @@ from ..objectives import data_targets
 
 @dataclass
 class LowRank:
-    """``U ≈ X diag(σ) Yᵀ`` per block: ``X (Q, out_b, r)``, ``Y (Q, in_dim, r)`` (σ folded into X)."""
+    """``U ≈ Σ_k x_k y_kᵀ`` per block, all blocks of a module side by side.
 
-    X: dict[str, torch.Tensor]
-    Y: dict[str, torch.Tensor]
+    ``X (Q, out, R)``: column ``k`` is zero outside its block's rows; ``Y (Q, in_dim, R)``. A candidate's
+    score is then ``Σ_t Σ_k (s_tᵀ x_k)(y_kᵀ [a_t; 1])``.
+    """
+
+    X: torch.Tensor
+    Y: torch.Tensor
 
 
 def low_rank(U: dict[str, torch.Tensor], tms: list[TrackedModule], rank: int) -> dict[str, LowRank]:
     """Rank-``rank`` truncated SVD of every block of every query vector (module → :class:`LowRank`)."""
+    if rank < 1:
+        raise ValueError("rank must be ≥ 1")
     out = {}
     for tm in tms:
         if tm.name not in U:
             continue
-        X, Y = {}, {}
+        Xs, Ys = [], []
         for blk in tm.blocks:
             Ub = U[tm.name][:, blk.rows, :]
             u, sv, vh = torch.linalg.svd(Ub, full_matrices=False)
             r = min(rank, sv.shape[-1])
-            X[blk.name] = u[..., :r] * sv[..., None, :r]
-            Y[blk.name] = vh[..., :r, :].transpose(-1, -2)
-        out[tm.name] = LowRank(X, Y)
+            X = torch.zeros(Ub.shape[0], tm.out_features, r, dtype=Ub.dtype)
+            X[:, blk.rows, :] = u[..., :r] * sv[..., None, :r]
+            Xs.append(X)
+            Ys.append(vh[..., :r, :].transpose(-1, -2))
+        out[tm.name] = LowRank(torch.cat(Xs, -1), torch.cat(Ys, -1))
     return out
 
 
@@ -79,35 +87,61 @@ class ScoreResult:
 _GRAD_CHUNK = 1 << 26  # elements of per-candidate gradients formed at once
 
 
-def _order(mode: str, Q: int, T: int, tm: TrackedModule) -> str:
+def _order(mode: str, Q: int, T: int) -> str:
     if mode != "auto":
         return mode
     return "direct" if Q * T <= T + Q else "grads"
 
 
+def _split_bias(M: torch.Tensor, tm: TrackedModule):
+    """``[W | b]`` along the last dim → ``(W, b)`` (``b`` None without bias)."""
+    return (M[..., : tm.in_features], M[..., tm.in_features]) if tm.bias else (M, None)
+
+
 @torch.no_grad()
 def _contract(a: torch.Tensor, s: torch.Tensor, U, tm: TrackedModule, order: str, want_tokens: bool):
-    """Scores ``(Q, B)`` and optionally per-token ``(Q, B, T)`` for one module."""
+    """Scores ``(Q, B)`` and optionally per-token ``(Q, B, T)`` for one module.
+
+    ``a (B, T, in_features)`` has no column of ones: the bias part of ``U`` is handled analytically.
+    """
     if isinstance(U, LowRank):
-        tok = 0
-        for blk in tm.blocks:
-            X, Y = U.X[blk.name].to(s.dtype), U.Y[blk.name].to(a.dtype)
-            sx = torch.einsum("bto,qor->qbtr", s[..., blk.rows], X)
-            ay = torch.einsum("bti,qir->qbtr", a, Y)
-            tok = tok + (sx * ay).sum(-1)
+        Yw, Yb = _split_bias(U.Y.transpose(-1, -2), tm)  # (Q, R, in), (Q, R)
+        sx = torch.einsum("bto,qor->qbtr", s, U.X)
+        ay = torch.einsum("bti,qri->qbtr", a, Yw)
+        if Yb is not None:
+            ay = ay + Yb[:, None, None, :]
+        tok = (sx * ay).sum(-1)
         return tok.sum(-1), (tok if want_tokens else None)
-    U = U.to(a.dtype)
+    Uw, Ub = _split_bias(U, tm)
     if order == "direct" or want_tokens:
-        # (B, T, in) x (Q, out, in) -> (Q, B, T, out), then dot with s
-        tok = torch.einsum("qbto,bto->qbt", torch.einsum("bti,qoi->qbto", a, U), s)
+        if U.shape[0] == 1:
+            x = torch.nn.functional.linear(a, Uw[0], None if Ub is None else Ub[0])  # (B, T, out)
+            tok = (x * s).sum(-1).unsqueeze(0)
+        else:
+            x = torch.einsum("bti,qoi->qbto", a, Uw)
+            if Ub is not None:
+                x = x + Ub[:, None, None, :]
+            tok = (x * s).sum(-1)
         return tok.sum(-1), (tok if want_tokens else None)
     B = a.shape[0]
     step = max(1, _GRAD_CHUNK // (tm.out_features * tm.in_dim))
+    Q = U.shape[0]
+    Uw2 = Uw.reshape(Q, -1)
     parts = []
     for i in range(0, B, step):
-        g = torch.einsum("bto,bti->boi", s[i : i + step], a[i : i + step])
-        parts.append(torch.einsum("boi,qoi->qb", g, U))
+        si = s[i : i + step]
+        g = torch.bmm(si.transpose(1, 2), a[i : i + step])  # (b, out, in): per-candidate gradients
+        sc = g.reshape(g.shape[0], -1) @ Uw2.T  # (b, Q)
+        if Ub is not None:
+            sc = sc + si.sum(1) @ Ub.T
+        parts.append(sc.T)
     return torch.cat(parts, 1), None
+
+
+def _as_dtype(U, dtype):
+    if isinstance(U, LowRank):
+        return LowRank(U.X.to(dtype), U.Y.to(dtype))
+    return U.to(dtype).contiguous()
 
 
 def score_batches(
@@ -131,15 +165,17 @@ def score_batches(
     tmap = {tm.name: tm for tm in tms}
     sub = [tmap[n] for n in names]
     first = U[names[0]]
-    Q = (first.X[next(iter(first.X))].shape[0]) if isinstance(first, LowRank) else first.shape[0]
+    Q = first.X.shape[0] if isinstance(first, LowRank) else first.shape[0]
+    dtype = next(model.parameters()).dtype
+    U = {n: _as_dtype(U[n], dtype) for n in names}  # once, not per batch
     totals, modules, idx, toks = [], [], [], []
     for batch in batches:
-        a, s, _ = record_batch(model, sub, batch, lambda logits: data_targets(batch, objective))
+        a, s, _ = record_batch(model, sub, batch, lambda logits: data_targets(batch, objective), append_ones=False)
         T = batch.input_ids.shape[1]
         per_mod = []
         tok_sum = None
         for n in names:
-            sc, tk = _contract(a[n], s[n], U[n], tmap[n], _order(order, Q, T, tmap[n]), per_token)
+            sc, tk = _contract(a[n], s[n], U[n], tmap[n], _order(order, Q, T), per_token)
             per_mod.append(sc.double())
             if per_token:
                 tok_sum = tk.double() if tok_sum is None else tok_sum + tk.double()

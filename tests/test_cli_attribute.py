@@ -1,0 +1,80 @@
+"""`msif index` and `msif attribute` end to end on locally saved tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_cli_fit import SENTENCES, checkpoint, run, run_json  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def fitted(checkpoint, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("factors")
+    assert run("fit", checkpoint / "lm", checkpoint / "lm.jsonl", "--out", d / "pt", "--no-progress")[0] == 0
+    assert run("fit", checkpoint / "other", checkpoint / "qa.jsonl", "--out", d / "ft", "--objective", "answer", "--no-progress")[0] == 0
+    assert run("fit", checkpoint / "cls", checkpoint / "cls.jsonl", "--out", d / "cls", "--objective", "classification", "--no-progress")[0] == 0
+    return d
+
+
+def _attr_args(checkpoint, fitted, *extra, finetuned="other", fft="ft"):  # noqa: F811
+    return ("attribute", "--pretrained", checkpoint / "lm", "--finetuned", checkpoint / finetuned,
+            "--pretrained-factors", fitted / "pt", "--finetuned-factors", fitted / fft,
+            "--corpus", checkpoint / "lm.jsonl", *extra)
+
+
+def _attr(checkpoint, fitted, *extra, finetuned="other", fft="ft"):  # noqa: F811
+    return run("attribute", "--pretrained", checkpoint / "lm", "--finetuned", checkpoint / finetuned,
+               "--pretrained-factors", fitted / "pt", "--finetuned-factors", fitted / fft,
+               "--corpus", checkpoint / "lm.jsonl", *extra)
+
+
+def test_attribute_json_carries_corpus_ids(checkpoint, fitted):  # noqa: F811
+    (q,) = run_json(*_attr_args(checkpoint, fitted, "--prompt", "what is the capital of france", "--answer", " paris", "--top", 3, "--json"))
+    assert q["answer"] == " paris" and q["method"] == "ms-if" and len(q["results"]) == 3
+    ids = [h["doc_id"] for h in q["results"]]
+    assert all(i.startswith("d") for i in ids) and len(set(ids)) == 3
+    scores = [h["score"] for h in q["results"]]
+    assert scores == sorted(scores, reverse=True)
+    h = q["results"][0]
+    assert len(h["tokens"]) == len(h["token_scores"]) and abs(sum(h["token_scores"]) - h["score"]) < 1e-3 * max(1, abs(h["score"]))
+    assert set(q["role_share"]) == {"mlp", "attention"}
+
+
+def test_attribute_table_with_index_and_generated_answer(checkpoint, fitted, tmp_path):  # noqa: F811
+    code, out = run("index", checkpoint / "lm.jsonl", "--out", tmp_path / "idx", "--no-progress")
+    assert code == 0, out
+    code, out = _attr(checkpoint, fitted, "--index", tmp_path / "idx", "--candidates", 4, "--prompt", "berlin is in", "--top", 2)
+    assert code == 0, out
+    assert "(generated)" in out and "rank" in out
+    res = run_json(*_attr_args(checkpoint, fitted, "--index", tmp_path / "idx", "--method", "embedding", "--prompt", "capital of spain", "--answer", " madrid", "--json"))
+    assert res[0]["results"][0]["doc_id"] == "d1"  # "the capital of spain is madrid"
+
+
+def test_attribute_many_queries_and_methods(checkpoint, fitted, tmp_path):  # noqa: F811
+    qf = tmp_path / "q.jsonl"
+    qf.write_text(json.dumps({"id": "q1", "prompt": "berlin is in", "answer": " germany"}) + "\n"
+                  + json.dumps({"id": "q2", "prompt": "what is the capital of france", "answer": " paris"}) + "\n")
+    for method in ("ms-if", "ss-if", "gdp", "repsim", "bm25", "tfidf"):
+        res = run_json(*_attr_args(checkpoint, fitted, "--queries", qf, "--method", method, "--top", 2, "--json"))
+        assert [r["query_id"] for r in res] == ["q1", "q2"]
+
+
+def test_attribute_classification_finetune(checkpoint, fitted):  # noqa: F811
+    res = run_json(*_attr_args(checkpoint, fitted, "--prompt", "berlin is in germany", "--top", 2, "--json", finetuned="cls", fft="cls"))
+    assert res[0]["label"] in (0, 1)
+    code, out = _attr(checkpoint, fitted, "--prompt", "berlin is in germany", "--method", "ss-if", finetuned="cls", fft="cls")
+    assert code == 2 and "classification head" in out
+
+
+def test_attribute_errors(checkpoint, fitted):  # noqa: F811
+    code, out = _attr(checkpoint, fitted)
+    assert code == 2 and "--prompt" in out
+    code, out = run("attribute", "--pretrained", checkpoint / "lm", "--finetuned", checkpoint / "other", "--corpus", checkpoint / "lm.jsonl", "--prompt", "x")
+    assert code == 2 and "--finetuned-factors" in out
+    # factors swapped: pt factors given as ft factors are refused by fingerprint
+    code, out = run("attribute", "--pretrained", checkpoint / "lm", "--finetuned", checkpoint / "other",
+                    "--pretrained-factors", fitted / "pt", "--finetuned-factors", fitted / "pt",
+                    "--corpus", checkpoint / "lm.jsonl", "--prompt", "berlin is in", "--answer", " germany")
+    assert code == 2 and "fitted on model" in out
