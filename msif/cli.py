@@ -438,6 +438,66 @@ def bench_fact_tracing(
         console.print(paths["markdown"].read_text(), markup=False, highlight=False)
 
 
+@app.command()
+@user_errors
+def proximity(
+    pretrained: str = typer.Argument(..., help="Local checkpoint folder of the pre-trained model."),
+    finetuned: str = typer.Argument(..., help="Local checkpoint folder of the fine-tuned model (a causal LM or a classifier built from it)."),
+    alpha: float = typer.Option(1.0, "--alpha", help="α of the proximity loss (α/2)‖θ_ft − θ_pt‖²."),
+    out: Path = typer.Option(Path("runs/proximity"), "--out", help="Folder for proximity.json/.md and the histogram proximity.png."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    top: int = typer.Option(20, "--top", help="Rows of the printed table (largest ratio first; the files have all)."),
+):
+    """Per weight matrix ‖θ_ft − θ_pt‖ and its ratio to ‖θ_pt‖, total squared distance, proximity loss (paper §5.2)."""
+    from .eval.proximity import markdown, proximity_from_paths, write_outputs
+
+    if not (alpha >= 0) or alpha == float("inf"):
+        _fail(f"--alpha must be a finite number ≥ 0, not {alpha}")
+    try:
+        res = proximity_from_paths(pretrained, finetuned, alpha=alpha)
+    except ValueError as e:
+        _fail(str(e))
+    paths = write_outputs(res, out)
+    if json_out:
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+    else:
+        console.print(markdown(res, top=top), markup=False, highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@bench_app.command("scalability")
+@user_errors
+def bench_scalability(
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    quick: bool = typer.Option(False, "--quick", help="Test-sized study (hidden 8, 4 queries x 100 candidates; minutes)."),
+    out: Path = typer.Option(Path("runs/scalability"), "--out", help="Folder for results.json, table.md and the PNG plots."),
+    lds: bool = typer.Option(False, "--lds", help="Also the linear datamodeling score (retraining on random halves; quick-sized)."),
+    threads: int = typer.Option(2, "--threads", help="Torch CPU threads."),
+    progress: bool = typer.Option(True, help="Log the stages on stderr."),
+):
+    """Scalability study (paper §5.1, Table 1 / Figure 1): Spearman of EK-FAC and baselines against a CG ground truth."""
+    import torch
+
+    from .eval import scalability as sc
+
+    torch.set_num_threads(max(1, threads))
+    log = (lambda m: console.print(f"[dim]{m}[/]")) if progress else None
+    res = sc.run(sc.QUICK if quick else sc.ScalabilityConfig(), progress=log)
+    if lds:
+        from .eval import lds as lds_mod
+
+        res["lds"] = lds_mod.run(lds_mod.LDSConfig(), progress=log)
+    paths = sc.write_outputs(res, out)
+    if json_out:
+        sys.stdout.write(json.dumps(res, indent=1, default=float) + "\n")
+    else:
+        text = sc.markdown_table(res)
+        if lds:
+            text += "\n\n" + Path(paths["lds_table"]).read_text()
+        console.print(text, markup=False, highlight=False)
+    console.print(f"[green]scalability[/] done in {res['total_time_s']:.1f}s → " + ", ".join(paths.values()))
+
+
 def main():
     app()
 
