@@ -355,7 +355,7 @@ def bench_fact_tracing(
     size: Optional[str] = typer.Option(None, "--size", help="World size preset (default: full; quick: tiny)."),
     k_candidates: Optional[int] = typer.Option(None, "--candidates", help="Embedding nearest neighbours per query (default 100; quick: 50)."),
     pool_size: Optional[int] = typer.Option(None, "--pool", help="Fixed rerank pool size (default 100; quick: 50)."),
-    dampings: Optional[str] = typer.Option(None, "--dampings", help="Comma-separated absolute dampings (default 1e-8,...,1e-2)."),
+    dampings: Optional[str] = typer.Option(None, "--dampings", help="Comma-separated dampings: absolute (default 1e-8,...,1e-2) or relative to each factor set's mean eigenvalue (0.01x,0.1x,1x)."),
     classification: bool = typer.Option(True, "--classification/--no-classification", help="Also trace the classification fine-tune."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder for factors and the index (default: OUT/cache)."),
     threads: int = typer.Option(2, "--threads", help="Torch CPU threads."),
@@ -373,57 +373,14 @@ def bench_fact_tracing(
         if v is not None:
             over[name] = v
     if dampings:
+        from .eval.fact_tracing import _damping_kind, _parse_damping
+
         try:
-            over["dampings"] = tuple(float(x) for x in dampings.split(",") if x.strip())
+            over["dampings"] = tuple(_parse_damping(x) for x in dampings.split(",") if x.strip())
         except ValueError:
-            _fail(f"--dampings must be comma-separated numbers, not {dampings!r}")
-    if over.get("trials", 1) < 1 or over.get("n_queries", 1) < 1:
-        _fail("--trials and --queries must be ≥ 1")
-    cfg = replace(cfg, **over)
-    res = run_fact_tracing(cfg, cache_dir=cache or out / "cache", progress=progress)
-    paths = write_outputs(res, out)
-    console.print(f"[green]fact tracing[/] done in {res['timings_s']['total']:.1f}s → "
-                  + ", ".join(str(p) for p in paths.values()))
-    console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["timings_s"].items()))
-    if json_out:
-        sys.stdout.write(json.dumps(res, indent=1) + "\n")
-    else:
-        console.print(paths["markdown"].read_text(), markup=False, highlight=False)
-
-
-@bench_app.command("fact-tracing")
-@user_errors
-def bench_fact_tracing(
-    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny world, smaller candidate sets, 2 trials unless --trials (minutes)."),
-    out: Path = typer.Option(Path("runs/fact-tracing"), "--out", help="Folder for fact_tracing.json/.md/.png and the cache."),
-    trials: Optional[int] = typer.Option(None, "--trials", help="Trials (query subsets, pools, label-sampling seeds); default 3 (quick: 2)."),
-    queries: Optional[int] = typer.Option(None, "--queries", help="Queries per trial (default 150; all test facts when fewer)."),
-    size: Optional[str] = typer.Option(None, "--size", help="World size preset (default: full; quick: tiny)."),
-    k_candidates: Optional[int] = typer.Option(None, "--candidates", help="Embedding nearest neighbours per query (default 100; quick: 50)."),
-    pool_size: Optional[int] = typer.Option(None, "--pool", help="Fixed rerank pool size (default 100; quick: 50)."),
-    dampings: Optional[str] = typer.Option(None, "--dampings", help="Comma-separated absolute dampings (default 1e-8,...,1e-2)."),
-    classification: bool = typer.Option(True, "--classification/--no-classification", help="Also trace the classification fine-tune."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder for factors and the index (default: OUT/cache)."),
-    threads: int = typer.Option(2, "--threads", help="Torch CPU threads."),
-    progress: bool = typer.Option(True, help="Log the stages on stderr."),
-):
-    """Fact tracing (paper §5.3): MRR / Recall@10 of MS-IF, SS-IF, GDP, RepSim, BM25 and embeddings over dampings."""
-    from dataclasses import replace
-
-    from .eval.fact_tracing import FactTracingConfig, quick_config, run_fact_tracing, write_outputs
-
-    cfg = quick_config() if quick else FactTracingConfig()
-    over = {"threads": threads, "classification": classification}
-    for name, v in (("trials", trials), ("n_queries", queries), ("size", size), ("k_candidates", k_candidates),
-                    ("pool_size", pool_size)):
-        if v is not None:
-            over[name] = v
-    if dampings:
-        try:
-            over["dampings"] = tuple(float(x) for x in dampings.split(",") if x.strip())
-        except ValueError:
-            _fail(f"--dampings must be comma-separated numbers, not {dampings!r}")
+            _fail(f"--dampings must be comma-separated numbers ≥ 0 (absolute) or multiples like 0.1x (relative), not {dampings!r}")
+        if not over["dampings"] or len({_damping_kind(x) for x in over["dampings"]}) > 1:
+            _fail("--dampings: give absolute values or relative ones (0.1x), not both")
     if over.get("trials", 1) < 1 or over.get("n_queries", 1) < 1:
         _fail("--trials and --queries must be ≥ 1")
     cfg = replace(cfg, **over)

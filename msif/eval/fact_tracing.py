@@ -85,7 +85,7 @@ class FactTracingConfig:
     trials: int = 3
     n_queries: int = 150  # per trial (all test facts when there are fewer)
     seed: int = 0
-    dampings: tuple[float, ...] = DEFAULT_DAMPINGS
+    dampings: tuple = DEFAULT_DAMPINGS  # absolute floats, or "0.1x" strings (multiples of each mean eigenvalue)
     k_candidates: int = 100  # knn setting
     pool_size: int = 100  # pool setting
     pool_bm25: int = 20
@@ -279,7 +279,9 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
     row_of = {d["id"]: i for i, d in enumerate(docs)}
     n_docs = len(docs)
     trials = list(range(cfg.trials))
-    dampings = [float(x) for x in cfg.dampings]
+    dampings = [_parse_damping(x) for x in cfg.dampings]
+    if len({_damping_kind(x) for x in dampings}) > 1:
+        raise ValueError("give either absolute dampings or relative ones ('0.1x'), not both")
 
     # ---------------------------------------------------------------- models
     with T("load models"):
@@ -512,7 +514,8 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
                                 per_trial.setdefault((method, lam, t), []).append(m)
                     chance_trial.append({k: float(np.mean([c[k] for c in ch])) for k in ch[0]})
                 chance[(task, setting)] = {k: summarize([c[k] for c in chance_trial]) for k in chance_trial[0]}
-                keys = sorted({(m, lam) for (m, lam, _) in per_trial}, key=lambda x: (methods.index(x[0]), x[1] or 0))
+                keys = sorted({(m, lam) for (m, lam, _) in per_trial},
+                              key=lambda x: (methods.index(x[0]), -1 if x[1] is None else dampings.index(x[1])))
                 for method, lam in keys:
                     row = {"task": task, "setting": setting, "method": method, "damping": lam}
                     metric_names = list(per_trial[(method, lam, trials[0])][0])
@@ -526,14 +529,17 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
         return float(np.mean(vals)) if vals else None
 
     eig = {n: rel(n) for n in ("pt", "ft", "cls")}
-    relative = {n: [lam / eig[n] if eig[n] else None for lam in dampings] for n in eig if eig[n]}
+    relative_mode = _damping_kind(dampings[0]) == "relative"
+    # each damping as (absolute λ, multiple of the mean eigenvalue) for every factor set
+    equivalents = {n: [(_damping_value(lam) * eig[n], _damping_value(lam)) if relative_mode
+                       else (lam, lam / eig[n]) for lam in dampings] for n in eig if eig[n]}
     best = []
     for task in tasks:
         for setting in SETTINGS:
             for method in DAMPED:
                 rows = [r for r in results if r["task"] == task and r["setting"] == setting and r["method"] == method]
                 if rows:
-                    b = max(rows, key=lambda r: (r["mrr"]["mean"], -r["damping"]))
+                    b = max(rows, key=lambda r: (r["mrr"]["mean"], -dampings.index(r["damping"])))
                     best.append({"task": task, "setting": setting, "method": method, "damping": b["damping"],
                                  "mrr": b["mrr"]})
     verdict = {}
@@ -568,9 +574,13 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
                    "label-sampling seed t of every curvature fit",
                    "queries_per_trial": {task: [len(trial_q[task][t]) for t in trials] for task in tasks}},
         "dampings": dampings,
-        "damping_note": "absolute λ, the same for G_pt and G_ft; relative = λ / mean eigenvalue of the factor set",
+        "damping_mode": "relative" if relative_mode else "absolute",
+        "damping_note": ("relative: λ = c × the mean eigenvalue of each factor set (so G_pt and G_ft get different "
+                         "absolute λ)" if relative_mode else
+                         "absolute λ, the same for G_pt and G_ft; relative = λ / mean eigenvalue of the factor set"),
+        "damping_equivalents": {n: [{"absolute": a, "relative": r} for a, r in v] for n, v in equivalents.items()},
         "mean_eigenvalue": eig,
-        "relative_dampings": relative,
+        "relative_dampings": {n: [r for _, r in v] for n, v in equivalents.items()},
         "candidate_recall": cr,
         "chance": [{"task": tk, "setting": st, **v} for (tk, st), v in chance.items()],
         "results": results,
@@ -611,8 +621,35 @@ _TASK_NAMES = {"qa": "QA fine-tune", "cls": "classification fine-tune"}
 _SETTING_NAMES = {"knn": "candidates = embedding nearest neighbours", "pool": "candidates = fixed rerank pool"}
 
 
+def _parse_damping(x):
+    """A float (absolute λ) or a ``"0.1x"`` string (relative to each factor set's mean eigenvalue)."""
+    if isinstance(x, str):
+        t = x.strip().lower()
+        if t.endswith("x"):
+            v = float(t[:-1])
+            if not v >= 0:
+                raise ValueError(f"damping must be ≥ 0, not {x!r}")
+            return f"{v:g}x"
+        x = float(t)
+    x = float(x)
+    if not x >= 0 or math.isinf(x):
+        raise ValueError(f"damping must be a finite number ≥ 0, not {x}")
+    return x
+
+
+def _damping_kind(x) -> str:
+    return "relative" if isinstance(x, str) else "absolute"
+
+
+def _damping_value(x) -> float:
+    """The number on the damping axis: λ (absolute) or the multiple c of ``"cx"`` (relative)."""
+    return float(x[:-1]) if isinstance(x, str) else float(x)
+
+
 def _fmt_damping(lam) -> str:
-    return "–" if lam is None else f"{lam:.0e}"
+    if lam is None:
+        return "–"
+    return lam if isinstance(lam, str) else f"{lam:.0e}"
 
 
 def markdown(res: dict) -> str:
@@ -635,13 +672,14 @@ def markdown(res: dict) -> str:
                  f"R@{k} any = a gold document in the top {k}; R@{k} frac = share of the fact's gold documents in the "
                  f"top {k} (denominator: all its sources, also those outside the candidates). Ties rank gold last.")
     lines.append("")
-    lines.append("Relative damping equivalents (λ / mean eigenvalue):")
+    lines.append("Damping equivalents per factor set (absolute λ / multiple of the mean eigenvalue):")
     lines.append("")
-    rel = res["relative_dampings"]
-    lines.append("| λ | " + " | ".join(f"λ/mean eig {n}" for n in rel) + " |")
-    lines.append("|---|" + "---|" * len(rel))
+    eq = res["damping_equivalents"]
+    lines.append("| damping | " + " | ".join(f"{n}: λ / (λ ÷ mean eig)" for n in eq) + " |")
+    lines.append("|---|" + "---|" * len(eq))
     for i, lam in enumerate(res["dampings"]):
-        lines.append(f"| {lam:.0e} | " + " | ".join(f"{rel[n][i]:.3g}" for n in rel) + " |")
+        lines.append(f"| {_fmt_damping(lam)} | " + " | ".join(
+            f"{eq[n][i]['absolute']:.3g} / {eq[n][i]['relative']:.3g}" for n in eq) + " |")
     lines.append("")
     for task in dict.fromkeys(r["task"] for r in res["results"]):
         cr = res["candidate_recall"].get(task)
@@ -700,7 +738,8 @@ def plot(res: dict, path: str | Path) -> Path:
     panels = [(t, s) for t in dict.fromkeys(r["task"] for r in res["results"]) for s in SETTINGS
               if any(r["task"] == t and r["setting"] == s for r in res["results"])]
     fig, axes = plt.subplots(len(panels), len(metrics), figsize=(4.2 * len(metrics), 3.2 * len(panels)), squeeze=False)
-    lams = np.array(res["dampings"])
+    lams = np.array([_damping_value(x) for x in res["dampings"]])
+    relative_mode = res.get("damping_mode") == "relative"
     colors = {"ms-if": "C3", "ss-if": "C0", "gdp": "C2", "repsim": "C4", "bm25": "C1", "embedding": "C5",
               "random": "0.5"}
     for i, (task, setting) in enumerate(panels):
@@ -715,13 +754,13 @@ def plot(res: dict, path: str | Path) -> Path:
                 if rr[0]["damping"] is None:
                     ax.axhline(mean[0], color=c, ls="--" if method != "random" else ":", lw=1.2, label=method)
                 else:
-                    x = np.array([r["damping"] for r in rr])
+                    x = np.array([_damping_value(r["damping"]) for r in rr])
                     ax.plot(x, mean, "o-", color=c, label=method, ms=3)
                     ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.2)
             ax.set_xscale("log")
             ax.set_xlim(lams.min() / 2, lams.max() * 2)
             ax.set_ylim(0, 1.02)
-            ax.set_xlabel("damping λ (absolute)")
+            ax.set_xlabel("damping (× mean eigenvalue of each factor set)" if relative_mode else "damping λ (absolute)")
             ax.set_title(f"{task} / {setting}: {label}", fontsize=9)
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
