@@ -22,9 +22,9 @@ def _model_and_tokenizer(model, tokenizer, objective: str):
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
         if tokenizer is None:
-            tokenizer = load_tokenizer(name)
+            tokenizer = name
         model = load_model(name, task="classification" if objective == "classification" else "causal_lm")
-    elif isinstance(tokenizer, (str, os.PathLike)):
+    if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer))
     return model, tokenizer, name
 

@@ -180,37 +180,6 @@ def _read_queries(prompt, answer, label, queries_file):
     return [Query(prompt, answer, label, "0")]
 
 
-def highlight_segments(tokens: list[str], scores: list[float], n: int = 3, width: int = 220) -> list[tuple[str, bool]]:
-    """A snippet around the most influential token: ``(text, is_top)`` pieces, the top ``n`` positive
-    tokens flagged (leading "…"/trailing "…" pieces when the document is cut)."""
-    if not tokens:
-        return []
-    top = {i for i in sorted(range(len(scores)), key=lambda i: -scores[i])[:n] if scores[i] > 0}
-    centre = max(range(len(scores)), key=lambda i: scores[i])
-    lo = hi = centre
-    length = len(tokens[centre])
-    while length < width and (lo > 0 or hi < len(tokens) - 1):
-        if hi < len(tokens) - 1:
-            hi += 1
-            length += len(tokens[hi])
-        if lo > 0 and length < width:
-            lo -= 1
-            length += len(tokens[lo])
-    out = [("…", False)] if lo > 0 else []
-    for i in range(lo, hi + 1):
-        t = tokens[i].replace("\n", " ")
-        if i in top:
-            lead = t[: len(t) - len(t.lstrip())]
-            if lead:
-                out.append((lead, False))
-            out.append((t.strip(), True))
-        else:
-            out.append((t, False))
-    if hi < len(tokens) - 1:
-        out.append(("…", False))
-    return out
-
-
 @app.command()
 @user_errors
 def attribute(
@@ -243,6 +212,7 @@ def attribute(
 ):
     """Rank pre-training documents by their influence on the fine-tuned model's answer."""
     from .data.corpus import Corpus
+    from .report.console import print_results
     from .data.encoding import InputError
     from .influence.attribute import Attributor
 
@@ -280,7 +250,7 @@ def attribute(
     if as_json:
         print(json.dumps(results, indent=1))
         return
-    _print_results(results)
+    print_results(results)
 
 
 def _candidates(corp, index_dir, retriever, method, texts, k):
@@ -313,31 +283,27 @@ def _candidates(corp, index_dir, retriever, method, texts, k):
     return rows, scores
 
 
-def _print_results(results):
-    from rich.table import Table
-    from rich.text import Text
+@app.command()
+@user_errors
+def demo(
+    question: Optional[str] = typer.Option(None, help="Ask another question (default: What is the capital of France?)."),
+    answer: Optional[str] = typer.Option(None, help="Attribute this answer instead of the model's greedy one."),
+    out: Path = typer.Option(Path("runs/demo"), help="Folder for report.html and result.json."),
+    top: int = typer.Option(5, help="Documents to show."),
+    candidates: int = typer.Option(50, help="Embedding nearest neighbours to rerank."),
+    method: str = typer.Option("ms-if", help="ms-if, ss-if, gdp or repsim."),
+    damping_pt: str = typer.Option("0.1x", "--damping-pt", help="λ_pt (absolute, or relative like 0.1x)."),
+    damping_ft: str = typer.Option("0.1x", "--damping-ft", help="λ_ft (absolute, or relative like 0.1x)."),
+    size: str = typer.Option("full", help="Bundled world: full, or tiny (seconds to build, for a smoke test)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """The whole pipeline on the bundled world: build/load it, ask, decode, retrieve, rerank by MS-IF,
+    print the top documents and write an HTML report. For your own models use `msif fit`, `msif index`
+    and `msif attribute`."""
+    from .demo import run_demo
 
-    out = Console(soft_wrap=False)
-    for r in results:
-        what = f"label {r['label']}" if r.get("label") is not None else repr(r.get("answer"))
-        gen = " (generated)" if r.get("generated") else ""
-        title = f"{r['method']}: {r['prompt']!r} → {what}{gen}"
-        t = Table(title=Text(title), show_lines=False, expand=False)
-        t.add_column("rank", justify="right")
-        t.add_column("document", overflow="fold")
-        t.add_column("score", justify="right")
-        t.add_column("snippet (most influential tokens highlighted)", overflow="fold")
-        for h in r["results"]:
-            snip = Text()
-            if "tokens" in h:
-                for piece, hot in highlight_segments(h["tokens"], h["token_scores"]):
-                    snip.append(piece, style="bold magenta underline" if hot else None)
-            else:
-                snip.append((h.get("text") or "")[:220])
-            t.add_row(str(h["rank"]), Text(str(h["doc_id"])), f"{h['score']:.4g}", snip)
-        out.print(t)
-        if r.get("role_share"):
-            out.print("share of |influence|: " + ", ".join(f"{k} {v:.1%}" for k, v in r["role_share"].items()))
+    run_demo(question=question, answer=answer, out=out, top=top, candidates=candidates, method=method,
+             damping_pt=damping_pt, damping_ft=damping_ft, size=size, progress=progress)
 
 
 bench_app = typer.Typer(help="Experiments of the paper (fact tracing, scalability).", no_args_is_help=True)

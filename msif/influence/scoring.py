@@ -112,9 +112,9 @@ def _contract(a: torch.Tensor, s: torch.Tensor, U, tm: TrackedModule, order: str
             ay = ay + Yb[:, None, None, :]
         tok = (sx * ay).sum(-1)
         return tok.sum(-1), (tok if want_tokens else None)
-    Uw, Ub = _split_bias(U, tm)
+    Uw, Ub = U.W, U.b
     if order == "direct" or want_tokens:
-        if U.shape[0] == 1:
+        if Uw.shape[0] == 1:
             x = torch.nn.functional.linear(a, Uw[0], None if Ub is None else Ub[0])  # (B, T, out)
             tok = (x * s).sum(-1).unsqueeze(0)
         else:
@@ -125,8 +125,7 @@ def _contract(a: torch.Tensor, s: torch.Tensor, U, tm: TrackedModule, order: str
         return tok.sum(-1), (tok if want_tokens else None)
     B = a.shape[0]
     step = max(1, _GRAD_CHUNK // (tm.out_features * tm.in_dim))
-    Q = U.shape[0]
-    Uw2 = Uw.reshape(Q, -1)
+    Uw2 = U.W2
     parts = []
     for i in range(0, B, step):
         si = s[i : i + step]
@@ -138,10 +137,22 @@ def _contract(a: torch.Tensor, s: torch.Tensor, U, tm: TrackedModule, order: str
     return torch.cat(parts, 1), None
 
 
-def _as_dtype(U, dtype):
+@dataclass
+class _Split:
+    """A query matrix split once into its weight part ``W (Q, out, in)`` (contiguous, also flattened
+    to ``(Q, out·in)``) and bias column ``b (Q, out)``, so the contraction never copies per batch."""
+
+    W: torch.Tensor
+    W2: torch.Tensor
+    b: torch.Tensor | None
+
+
+def _prepare(U, tm: TrackedModule, dtype):
     if isinstance(U, LowRank):
-        return LowRank(U.X.to(dtype), U.Y.to(dtype))
-    return U.to(dtype).contiguous()
+        return LowRank(U.X.to(dtype).contiguous(), U.Y.to(dtype).contiguous())
+    W, b = _split_bias(U.to(dtype), tm)
+    W = W.contiguous()
+    return _Split(W, W.reshape(W.shape[0], -1), None if b is None else b.contiguous())
 
 
 def score_batches(
@@ -167,7 +178,7 @@ def score_batches(
     first = U[names[0]]
     Q = first.X.shape[0] if isinstance(first, LowRank) else first.shape[0]
     dtype = next(model.parameters()).dtype
-    U = {n: _as_dtype(U[n], dtype) for n in names}  # once, not per batch
+    U = {n: _prepare(U[n], tmap[n], dtype) for n in names}  # once, not per batch
     totals, modules, idx, toks = [], [], [], []
     for batch in batches:
         a, s, _ = record_batch(model, sub, batch, lambda logits: data_targets(batch, objective), append_ones=False)

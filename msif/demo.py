@@ -1,0 +1,132 @@
+"""The demo: the whole pipeline on the bundled world (or on your own models), in one call.
+
+Build or load the bundled world (a corpus of real facts, a tiny GPT-NeoX pre-trained on it and its
+QA fine-tune), fit and cache both sets of EK-FAC factors and the embedding index, ask the fine-tuned
+model a question, greedy-decode its answer, select candidates by embedding neighbours, rerank them by
+the multi-stage influence, print the top documents and write a self-contained HTML report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_QUESTION = "What is the capital of France?"
+
+
+@dataclass
+class Artifacts:
+    """Cached, derived files of a world: factors of both models and the corpus embedding index."""
+
+    pt_factors: Path
+    ft_factors: Path
+    index: Path
+
+
+def world_artifacts(world, progress: bool = True, batch_size: int = 16, log=print) -> Artifacts:
+    """Fit (once) the pre-training and fine-tuning factors and build (once) the embedding index of a
+    world, caching them under ``<world>/artifacts``. Every write is atomic, so a killed run rebuilds
+    only what is missing."""
+    from . import api
+    from .retrieval import build_index
+
+    root = world.path / "artifacts"
+    art = Artifacts(root / "factors-pt", root / "factors-ft", root / "index")
+    if not (art.pt_factors / "factors.json").exists():
+        t0 = time.perf_counter()
+        log("fitting EK-FAC factors of the pre-trained model on the corpus (LM loss) …")
+        api.fit(str(world.pretrained_dir), str(world.corpus_path), out=art.pt_factors, tokenizer=str(world.tokenizer_dir),
+                objective="lm", batch_size=batch_size, progress=progress)
+        log(f"  done in {time.perf_counter() - t0:.0f} s")
+    if not (art.ft_factors / "factors.json").exists():
+        t0 = time.perf_counter()
+        log("fitting EK-FAC factors of the fine-tuned model on its QA data (answer tokens) …")
+        api.fit(str(world.finetuned_dir), str(world.qa_finetune_path), out=art.ft_factors, tokenizer=str(world.tokenizer_dir),
+                objective="answer", batch_size=batch_size, progress=progress)
+        log(f"  done in {time.perf_counter() - t0:.0f} s")
+    if not (art.index / "meta.json").exists():
+        t0 = time.perf_counter()
+        log("embedding the corpus (all-MiniLM-L6-v2) into a FAISS index …")
+        build_index(str(world.corpus_path), art.index, progress=progress, overwrite=True)
+        log(f"  done in {time.perf_counter() - t0:.0f} s")
+    return art
+
+
+def _fact_for_question(world, question: str):
+    q = question.strip().lower()
+    for f in world.facts:
+        if f.question.strip().lower() == q:
+            return f
+    return None
+
+
+def run_demo(
+    question: str | None = None,
+    answer: str | None = None,
+    out: str | Path = "runs/demo",
+    top: int = 5,
+    candidates: int = 50,
+    method: str = "ms-if",
+    damping_pt="0.1x",
+    damping_ft="0.1x",
+    size: str = "full",
+    seed: int = 0,
+    progress: bool = True,
+    quiet: bool = False,
+) -> dict:
+    """Run the demo on the bundled world; returns the result dict and writes ``<out>/report.html`` and
+    ``<out>/result.json``."""
+    import json
+
+    from .data.corpus import Corpus
+    from .influence.attribute import Attributor, Query
+    from .report.html import write_report
+    from .retrieval import load_index
+    from .worldfacts import load_world
+
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    t_start = time.perf_counter()
+    world = load_world(seed=seed, size=size, progress=progress)
+    art = world_artifacts(world, progress=progress, log=log)
+    if question is None:
+        question = DEFAULT_QUESTION
+        if _fact_for_question(world, question) is None and world.test_facts:
+            question = world.test_facts[0].question
+    fact = _fact_for_question(world, question)
+    prompt = world.qa_prompt(question)
+    att = Attributor(str(world.pretrained_dir), str(world.finetuned_dir), str(world.tokenizer_dir),
+                     pt_factors=art.pt_factors, ft_factors=art.ft_factors, damping_pt=damping_pt, damping_ft=damping_ft)
+    (pq,) = att.prepare([Query(prompt, answer, id="demo")])
+    log(f"\nQ: {question}\nA (fine-tuned model{', greedy' if pq.generated else ''}): {pq.answer!r}"
+        + (f"   [known answer: {fact.answer!r}]" if fact is not None else ""))
+    corpus = Corpus(str(world.corpus_path))
+    hits = load_index(art.index, corpus=corpus).search([question + " " + pq.answer.strip()], k=candidates)
+    rows = [int(r) for r in hits.rows[0] if r >= 0]
+    res = att.attribute([pq], corpus, candidates=[rows], method=method, top=top)
+    result = res.to_json()[0]
+    result["prompt"] = question
+    if fact is not None:
+        result["gold"] = world.sources(fact.id)
+        result["hard_negatives"] = world.hard_negatives(fact.id)
+        result["expected"] = fact.answer
+        result["gold_in_candidates"] = len(set(result["gold"]) & set(corpus.doc_ids(rows)))
+    result["candidates"] = len(rows)
+    result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    out = Path(out)
+    notes = {"world": world.path.name, "candidates (embedding KNN)": len(rows), "pre-training documents": len(corpus)}
+    if fact is not None:
+        notes["sources of the fact among the candidates"] = f"{result['gold_in_candidates']} of {len(result['gold'])}"
+    report = write_report(out / "report.html", [result], title="msif demo: which pre-training documents made the model say this?", notes=notes)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    if not quiet:
+        from .report.console import print_results
+
+        print_results([result])
+        if fact is not None:
+            found = sum(h["doc_id"] in set(result["gold"]) for h in result["results"])
+            print(f"{found} of the top {len(result['results'])} documents state the fact "
+                  f"({result['gold_in_candidates']} of its {len(result['gold'])} source documents were among the {len(rows)} candidates).")
+        print(f"HTML report: {report}   ({result['elapsed_s']} s)")
+    result["report"] = str(report)
+    return result
