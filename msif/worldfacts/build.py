@@ -14,15 +14,15 @@ Stages (each timed and recorded in ``world.json``):
 3. pre-training: a small GPT-NeoX from scratch, next-token loss on every document token
    (documents encoded by :func:`msif.data.encoding.encode_text`, one sequence per document);
 4. QA fine-tuning: full-parameter, from θ_pt, on ``qa_prompt(question)`` → ``answer`` for the
-   fine-tuning facts, loss on answer tokens only (:func:`msif.data.encoding.encode_prompt_answer`,
-   no EOS appended);
+   fine-tuning facts, loss on answer tokens and the EOS that ends the answer
+   (:func:`msif.data.encoding.encode_prompt_answer` with ``add_eos=True``), so that greedy decoding stops;
 5. classifier: ``GPTNeoXForSequenceClassification`` initialised from the pre-trained backbone with a
    new head (its rows start as the LM head rows of the label words' first tokens; the LM head is
    dropped), full-parameter trained on "On which continent is X?" → continent for the fine-tuning
    continent facts, ``config.pad_token_id`` set so the last real token is pooled;
 6. evaluation: a held-out fact is a *test fact* when the QA model's greedy decoding of its prompt
-   starts with the answer's tokens (checked exactly, by teacher forcing: greedy decoding reproduces
-   the answer iff the argmax at every answer position is the next answer token).
+   is exactly the answer's tokens followed by EOS (checked exactly, by teacher forcing: greedy decoding
+   reproduces them iff the argmax at every answer position is the next token).
 
 Layout of a world directory::
 
@@ -58,7 +58,7 @@ from msif.data.encoding import collate, encode_classification, encode_prompt_ans
 from msif.worldfacts.corpus import Corpus, CorpusConfig, Fact, build_corpus, read_jsonl, write_corpus, write_jsonl
 
 #: Bump when anything that changes the built artefacts changes (invalidates caches).
-BUILD_VERSION = "3"
+BUILD_VERSION = "4"  # 4: QA fine-tuning teaches the model to end its answer (EOS)
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -372,7 +372,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 @torch.no_grad()
 def greedy_correct(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64) -> list[bool]:
-    """Whether greedy decoding after each prompt starts with the answer's tokens.
+    """Whether greedy decoding after each prompt gives exactly the answer's tokens, then EOS.
 
     Exact and batched by teacher forcing: greedy decoding reproduces the answer tokens iff, with the
     correct answer prefix fed in, the argmax at every answer position is the next answer token.
@@ -382,7 +382,7 @@ def greedy_correct(model, tokenizer, prompts: list[str], answers: list[str], bat
     pad = tokenizer.pad_token_id
     out = []
     for s in range(0, len(prompts), batch_size):
-        enc = [encode_prompt_answer(tokenizer, p, a, index=i) for i, (p, a) in
+        enc = [encode_prompt_answer(tokenizer, p, a, add_eos=True, index=i) for i, (p, a) in
                enumerate(zip(prompts[s : s + batch_size], answers[s : s + batch_size]))]
         b = collate(enc, pad_id=pad)
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
@@ -506,7 +506,7 @@ def build_world(out_dir: str | Path, size: str = "full", seed: int = 0, config: 
         t0 = time.perf_counter()
         ft_facts = [f for f in corpus.facts if f.split == "finetune"]
         ho_facts = [f for f in corpus.facts if f.split == "heldout"]
-        qa = [encode_prompt_answer(tokenizer, qa_prompt(f.question), f.answer, index=i) for i, f in enumerate(ft_facts)]
+        qa = [encode_prompt_answer(tokenizer, qa_prompt(f.question), f.answer, add_eos=True, index=i) for i, f in enumerate(ft_facts)]
         ft_model = GPTNeoXForCausalLM.from_pretrained(out / "pretrained")
         ft_hist = _train(ft_model, qa, cfg.finetune, pad, seed + 1, "QA fine-tuning", progress)
         ft_model.save_pretrained(out / "finetuned")
