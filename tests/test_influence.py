@@ -228,3 +228,17 @@ def test_bad_queries(world):
         att.score(att.prepare([Query(*QA[0])]), [], method="ms-if")
     with pytest.raises(InputError, match="max_length"):
         att.prepare([Query("paris " * 40, " paris")])
+
+
+def test_chat_template_prompt(world):
+    tok = copy.deepcopy(world["tok"])
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} capital of{% endfor %}"
+    att = Attributor(world["pt"], world["ft"], tok, pt_factors=world["fpt"], ft_factors=world["fft"], check_fingerprints=False,
+                     template="chat")
+    (pq,) = att.prepare([Query("what is the", " france")])
+    assert pq.prompt_text == "what is the capital of"
+    assert tok.decode(pq.encoded.input_ids) == "what is the capital of france"
+    plain = Attributor(world["pt"], world["ft"], world["tok"], check_fingerprints=False)
+    with pytest.raises(InputError, match="chat template"):
+        Attributor(world["pt"], world["ft"], world["tok"], check_fingerprints=False, template="chat").prepare([Query("x y", " z")])
+    assert plain.prepare([Query("what is the", " france")])[0].prompt_text == "what is the"
