@@ -88,7 +88,7 @@ class ScalabilityConfig:
     heads: int = 2
     intermediate: int = 64
     # training
-    epochs: int = 60
+    epochs: int = 80
     lr: float = 3e-3
     batch_size: int = 32
     # study
@@ -96,6 +96,7 @@ class ScalabilityConfig:
     n_candidates: int = 500
     n_curvature: int = 256  # training sentences G (and every approximation of it) is computed on
     replicates: int = 8  # label draws per curvature sentence for the fitted factors
+    replicates_extra: tuple[int, ...] = (32,)  # extra EK-FAC fits with more label draws (diagnostic)
     dampings: tuple[float, ...] = (0.01, 0.1, 1.0)  # multiples of trace(G)/D
     cg_tol: float = 1e-8
     lissa_depths: tuple[int, ...] = (10, 100, 1000)
@@ -110,7 +111,7 @@ class ScalabilityConfig:
 QUICK = ScalabilityConfig(
     countries=12, hidden=8, intermediate=32, epochs=30, lr=1e-2, n_queries=4, n_candidates=100, n_curvature=64,
     replicates=4, dampings=(0.1, 1.0), lissa_depths=(10, 100), cg_budgets=(5, 20), arnoldi_k=(10,),
-    trak_models=2, trak_dim=64,
+    trak_models=2, trak_dim=64, replicates_extra=(),
 )
 
 
@@ -279,8 +280,10 @@ def train_lm(model, train: list[Encoded], epochs: int, lr: float, batch_size: in
     curve["time_s"] = time.perf_counter() - t0
     tl = curve["train_loss"]
     if record and len(tl) >= 3:
-        k = min(5, len(tl) - 1)
-        curve["last_rel_change"] = abs(tl[-1 - k] - tl[-1]) / max(abs(tl[-1]), 1e-12)
+        ep = curve["epoch"]
+        j = max([i for i, e in enumerate(ep) if e <= ep[-1] - 5] or [0])  # the recorded point ≥ 5 epochs back
+        curve["last_rel_change"] = abs(tl[j] - tl[-1]) / max(abs(tl[-1]), 1e-12)
+        curve["last_rel_change_epochs"] = ep[-1] - ep[j]
         curve["converged"] = curve["last_rel_change"] < 0.01
     return curve
 
@@ -385,6 +388,31 @@ def block_solve(G: torch.Tensor, ranges: list[tuple[int, int]], V: torch.Tensor,
     out = torch.zeros_like(V)
     for s, e in ranges:
         out[s:e] = exact.damped_solve(G[s:e, s:e], V[s:e], lam)
+    return out
+
+
+def exact_rotated_lambdas(fs: FactorSet, G: torch.Tensor, layout) -> dict[str, torch.Tensor]:
+    """Per block, ``diag((Q_S ⊗ Q_A)ᵀ G_block (Q_S ⊗ Q_A))`` ``(out_b, in_dim)``: the exact value of the
+    eigenvalue correction ``Λ`` that EK-FAC estimates by sampling labels, in the fitted eigenbasis."""
+    out = {}
+    for b, blk in fs.blocks.items():
+        s, e = layout.blocks[b]
+        K = torch.kron(fs.QS[b], fs.QA[blk.module])  # row-major vec of the (out_b, in_dim) block
+        out[b] = torch.einsum("ij,ik,kj->j", K, G[s:e, s:e], K).reshape(blk.out_dim, -1)
+    return out
+
+
+def precondition_with(fs: FactorSet, lambdas: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+    """EK-FAC's damped inverse with the given ``Λ`` per block in ``fs``'s eigenbasis."""
+    out = {}
+    for m, tm in fs.modules.items():
+        g = grads[m].double()
+        res = torch.empty_like(g)
+        for blk in tm.blocks:
+            QA, QS = fs.QA[m], fs.QS[blk.name]
+            R = (QS.T @ g[..., blk.rows, :] @ QA) / (lambdas[blk.name] + lam)
+            res[..., blk.rows, :] = QS @ R @ QA.T
+        out[m] = res
     return out
 
 
@@ -511,6 +539,10 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
         t = time.perf_counter()
         fs = fit(model, tms, curv, strat, mods, cfg.replicates, cfg.seed)
         fits[name] = (fs, time.perf_counter() - t)
+    for R in cfg.replicates_extra:
+        t = time.perf_counter()
+        fits[f"ekfac_R{R}"] = (fit(model, tms, curv, "ekfac", "all", R, cfg.seed), time.perf_counter() - t)
+    lam_exact = exact_rotated_lambdas(fits["ekfac"][0], G, layout)
     log("factors fitted")
 
     # ---- TRAK ensemble (independent of damping)
@@ -594,6 +626,12 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
                 extra["influence_share"] = {r: float(v) / tot for r, v in per_role.items()}
             add(name, S, 0.0 if name == "gdp" else t_fit, (time.perf_counter() - t + t_c) / cfg.n_queries,
                 "gradient similarity" if name == "gdp" else "parametric (block-diagonal)", **extra)
+        # diagnostic: EK-FAC's fitted eigenbasis with the exact Λ (what infinitely many label draws give)
+        t = time.perf_counter()
+        U = precondition_with(fits["ekfac"][0], lam_exact, Qmod, lam)
+        S = sum(torch.einsum("qoi,coi->qc", U[n], Cmod[n]) for n in U)
+        add("ekfac_exact_lambda", S, fits["ekfac"][1], (time.perf_counter() - t + t_c) / cfg.n_queries,
+            "diagnostic (exact Λ in the fitted eigenbasis)")
         # exact block-diagonal influence share (attention vs MLP) for reference
         Xb = block_solve(G, blk_ranges, Vq, lam)
         contrib = {r: 0.0 for r in ("mlp", "attention")}
@@ -641,7 +679,8 @@ _LABEL = {"cg": "CG (ground truth)", "gdp": "GDP", "cka": "CKA", "trak": "TRAK",
           "ekfac_mlp": "EK-FAC (MLP)", "ekfac_attention": "EK-FAC (attention)", "kfac": "K-FAC",
           "diagonal": "diagonal", "exact_dense": "exact dense solve", "exact_block": "exact block-diagonal GGN (ceiling)",
           "exact_module": "exact module-diagonal GGN", "exact_block_mlp": "exact block-diagonal, MLP only",
-          "trak_single_model": "TRAK (analysed model only)"}
+          "trak_single_model": "TRAK (analysed model only)",
+          "ekfac_exact_lambda": "EK-FAC, exact Λ (diagnostic)"}
 
 
 def _fmt_t(s) -> str:
@@ -694,6 +733,8 @@ def markdown_table(res: dict) -> str:
                 label = f"CG ({name.split('_')[1]} iterations)"
             elif name.startswith("arnoldi_"):
                 label = f"Arnoldi (top {name.split('_')[1]})"
+            elif name.startswith("ekfac_R"):
+                label = f"EK-FAC, {name[7:]} label draws per sentence (diagnostic)"
             mf = r.get("matrix_free_s")
             if name.startswith("arnoldi_"):
                 mf = r.get("overhead_matrix_free_s")
