@@ -338,6 +338,9 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
         rng = np.random.default_rng([cfg.seed, t, 17])
         return sorted(rng.choice(n, cfg.n_queries, replace=False).tolist())
 
+    if not qa_all:
+        raise ValueError(f"the world {world.path} has no QA test facts (held-out facts the fine-tuned model answers "
+                         "correctly): nothing to trace")
     tasks = {"qa": qa_all}
     if cfg.classification and cls_all:
         tasks["cls"] = cls_all
