@@ -780,11 +780,16 @@ def plot(res: dict, out_png: str, damping: str | None = None) -> str:
             tt = r["overhead_s"] + Q * r.get("matrix_free_s", r["pairwise_s"])
         g = name.split("_")[0] if name.startswith(("lissa_", "cg_", "arnoldi_")) else name
         groups[g].append((max(tt, 1e-4), r["spearman_mean"], name))
-    for g, pts in groups.items():
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^Dv<>pP*Xh"
+    for i, (g, pts) in enumerate(groups.items()):
         pts.sort()
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         label = {"lissa": "LiSSA", "cg": "CG (budgets)", "arnoldi": "Arnoldi"}.get(g, _LABEL.get(g, g))
-        ax.plot(xs, ys, marker="o", linestyle="-" if len(pts) > 1 else "none", label=label)
+        if g.startswith("ekfac_R"):
+            label = f"EK-FAC, {g[7:]} label draws"
+        ax.plot(xs, ys, marker=markers[i % len(markers)], color=colors[i % len(colors)],
+                linestyle="-" if len(pts) > 1 else "none", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("total time for all queries (s; iterative methods: matrix-free estimate)")
     ax.set_ylabel("Spearman ρ vs CG ground truth")
