@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import msif  # noqa: F401  (first: sets passive OpenMP waiting before torch loads)
 import torch
 from scipy.stats import spearmanr
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
