@@ -40,8 +40,12 @@ class LowRank:
     Y: torch.Tensor
 
 
-def low_rank(U: dict[str, torch.Tensor], tms: list[TrackedModule], rank: int) -> dict[str, LowRank]:
-    """Rank-``rank`` truncated SVD of every block of every query vector (module → :class:`LowRank`)."""
+def low_rank(U: dict[str, torch.Tensor], tms: list[TrackedModule], rank: int) -> dict[str, "LowRank | torch.Tensor"]:
+    """Rank-``rank`` truncated SVD of every block of every query vector (module → :class:`LowRank`).
+
+    A module whose factors would cost at least as much as the dense matrix (``R·(out+in) ≥ out·in``,
+    e.g. per-head blocks with ``rank ≥ head_dim``) is kept dense: same speed, exact.
+    """
     if rank < 1:
         raise ValueError("rank must be ≥ 1")
     out = {}
@@ -57,7 +61,11 @@ def low_rank(U: dict[str, torch.Tensor], tms: list[TrackedModule], rank: int) ->
             X[:, blk.rows, :] = u[..., :r] * sv[..., None, :r]
             Xs.append(X)
             Ys.append(vh[..., :r, :].transpose(-1, -2))
-        out[tm.name] = LowRank(torch.cat(Xs, -1), torch.cat(Ys, -1))
+        R = sum(x.shape[-1] for x in Xs)
+        if R * (tm.out_features + tm.in_dim) >= tm.out_features * tm.in_dim:
+            out[tm.name] = U[tm.name]
+        else:
+            out[tm.name] = LowRank(torch.cat(Xs, -1), torch.cat(Ys, -1))
     return out
 
 
