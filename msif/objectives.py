@@ -47,11 +47,18 @@ def _example_generator(seed: int, index: int, stream: int) -> torch.Generator:
 
 
 def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF sampling: ``logits (..., V)``, ``uniforms (...)`` in [0, 1) → indices ``(...)``."""
-    p = torch.softmax(logits.detach().double(), dim=-1)
-    cdf = p.cumsum(-1)
+    """Inverse-CDF sampling: ``logits (..., V)``, ``uniforms (...)`` in [0, 1) → indices ``(...)``.
+
+    Computed in the logits' dtype (at least float32): a float64 copy of ``(B, T, V)`` logits cost
+    ~15% of a factor fit; the float32 CDF's rounding (~1e-5 typical) is far below the Monte-Carlo
+    noise of the sampled Fisher.
+    """
+    x = logits.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    cdf = torch.softmax(x, dim=-1).cumsum_(-1)
     cdf[..., -1] = 1.0  # guard against rounding: every u < 1 maps inside the vocabulary
-    idx = torch.searchsorted(cdf, uniforms.double().unsqueeze(-1).contiguous()).squeeze(-1)
+    idx = torch.searchsorted(cdf, uniforms.to(cdf.dtype).unsqueeze(-1).contiguous()).squeeze(-1)
     return idx.clamp_max(logits.shape[-1] - 1)
 
 
