@@ -13,62 +13,29 @@ time: 1.0 means as fast as training), and the low-rank scores' Spearman against 
 from __future__ import annotations
 
 import argparse
-import time
 
-import msif  # noqa: F401  (first: sets passive OpenMP waiting before torch loads)
 import torch
+from common import describe, model_and_data, model_arguments, timed, train_pass
 from scipy.stats import spearmanr
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from msif.curvature.fit import FitConfig, fit_factors, per_example_grads
 from msif.data.encoding import Encoded, collate
 from msif.influence.scoring import low_rank, score_batches
 from msif.models.adapters import tracked_modules
-from msif.objectives import data_targets, model_logits, summed_loss
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8000)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--candidates", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8)
+    model_arguments(ap, "--candidates")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ranks", type=int, nargs="*", default=[8, 32])
     args = ap.parse_args()
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(hidden_size=args.hidden, num_attention_heads=args.heads, num_hidden_layers=args.layers,
-                        intermediate_size=4 * args.hidden, vocab_size=args.vocab, max_position_embeddings=args.seq)
-    model = GPTNeoXForCausalLM(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    exs = [Encoded(torch.randint(0, args.vocab, (args.seq,), generator=g).tolist(), [True] * (args.seq - 1) + [False], index=i)
-           for i in range(args.candidates)]
-    data = [collate(exs[i : i + args.batch]) for i in range(0, len(exs), args.batch)]
+    model, data, g = model_and_data(args)
     tms = tracked_modules(model)
     fs = fit_factors(model, data[:2], FitConfig(strategy="ekfac"), fingerprint="bench")
-
-    def train_pass():
-        for b in data:
-            model.zero_grad(set_to_none=True)
-            summed_loss(model_logits(model, b), data_targets(b, "lm")).sum().backward()
-        model.zero_grad(set_to_none=True)
-
-    def timed(fn):
-        fn()  # warm-up
-        best = float("inf")
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
-    base = timed(train_pass)
-    print(f"model: GPT-NeoX {args.layers} layers, hidden {args.hidden}, {sum(p.numel() for p in model.parameters())/1e6:.1f}M params; "
-          f"{args.candidates} candidates × {args.seq} tokens, batch {args.batch}, {torch.get_num_threads()} threads")
-    print(f"baseline training pass: {base:.3f} s ({args.candidates / base:.1f} candidates/s)")
+    base = timed(lambda: train_pass(model, data), args.repeats)
+    print(describe(model, args, "candidates"))
+    print(f"baseline training pass: {base:.3f} s ({args.n / base:.1f} candidates/s)")
     for Q in (1, 16):
         # real query gradients: prompts of 20 tokens with 4-token answers (m = −log p(answer | prompt))
         qs = [Encoded(torch.randint(0, args.vocab, (24,), generator=g).tolist(), [False] * 19 + [True] * 4 + [False], index=i)
@@ -80,9 +47,9 @@ def main():
         def run():
             full["r"] = score_batches(model, tms, U, data)
 
-        t = timed(run)
+        t = timed(run, args.repeats)
         print(f"MS-IF, {Q:2d} quer{'y' if Q == 1 else 'ies'} sharing a pass: {t:.3f} s, throughput ratio {base / t:.2f} "
-              f"({args.candidates * Q / t:.1f} query-candidate pairs/s)")
+              f"({args.n * Q / t:.1f} query-candidate pairs/s)")
         for r in args.ranks:
             lr = low_rank(U, tms, r)
             out = {}
@@ -90,7 +57,7 @@ def main():
             def run_lr():
                 out["r"] = score_batches(model, tms, lr, data)
 
-            t = timed(run_lr)
+            t = timed(run_lr, args.repeats)
             rho = [spearmanr(out["r"].scores[q], full["r"].scores[q])[0] for q in range(Q)]
             print(f"   rank-{r:<3d} query vectors: {t:.3f} s, throughput ratio {base / t:.2f}, Spearman vs full {sum(rho)/len(rho):.3f}")
 
