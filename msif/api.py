@@ -48,6 +48,7 @@ def fit(
     generic: bool = False,
     progress: bool = True,
     model_name: str | None = None,
+    samples: int = 1,
 ) -> FactorSet:
     """Fit curvature factors of ``model`` on ``data`` and (if ``out``) save them atomically.
 
@@ -67,7 +68,7 @@ def fit(
         data = ExampleBatches(data, tokenizer, objective, batch_size=batch_size, fields=fields,
                               max_examples=max_examples, max_length=max_length, truncate=truncate)
     cfg = FitConfig(objective=objective, strategy=strategy, modules=modules, per_head=per_head, labels=labels,
-                    seed=seed, max_examples=max_examples, batch_size=batch_size, generic=generic)
+                    seed=seed, max_examples=max_examples, batch_size=batch_size, generic=generic, samples=samples)
     fs = fit_factors(model, data, cfg, progress=progress, model_name=model_name or name)
     if out is not None:
         fs.save(out)

@@ -91,6 +91,7 @@ def fit(
     batch_size: int = typer.Option(8, help="Examples per forward/backward pass."),
     seed: int = typer.Option(0, help="Seed of the label sampling."),
     labels: Labels = typer.Option(Labels.sampled, help="sampled (true Fisher = GGN) or empirical (data labels)."),
+    samples: int = typer.Option(1, help="Label draws per example (sampled labels); more draws, less noise (e.g. for a confident classifier)."),
     per_head: bool = typer.Option(True, "--per-head/--per-projection", help="Q/K/V of each head as separate blocks (default), or one block per projection."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or id (default: the model's)."),
     text_field: str = typer.Option("text", help="Field with the text."),
@@ -115,7 +116,7 @@ def fit(
         m, str(data), out=out, tokenizer=tok, objective=objective.value, strategy=strategy.value,
         modules=modules.value, per_head=per_head, labels=labels.value, max_examples=max_examples,
         batch_size=batch_size, seed=seed, fields=Fields(text_field, prompt_field, answer_field, label_field),
-        max_length=max_length, truncate=truncate, generic=generic, progress=progress, model_name=model,
+        max_length=max_length, truncate=truncate, generic=generic, progress=progress, model_name=model, samples=samples,
     )
     console.print(
         f"[green]fitted[/] {strategy.value} factors for {len(fs.blocks)} blocks of {len(fs.modules)} layers on "

@@ -324,3 +324,37 @@ def test_empty_answer_batch_is_rejected():
     ex = Encoded([3, 4, 5], [False, False, False], index=0)
     with pytest.raises(ValueError, match="no token that counts"):
         fit_factors(model, [collate([ex])], FitConfig(objective="answer"), fingerprint="t")
+
+
+def test_more_label_draws_per_example_reduce_monte_carlo_noise():
+    """samples=k draws k labels per example: the sampled diagonal Fisher gets closer to the exact one."""
+    model = tiny_neox(seed=6, num_hidden_layers=1)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    exs = random_lm_examples(4, seed=3, min_len=6, max_len=6)
+    data = batches(exs, 4)
+    tms = tracked_modules(model)
+    exact = {tm.name: 0 for tm in tms}  # Σ_t Σ_k p_tk g_k², averaged over the 4 sequences
+    for ex in exs:
+        b = collate([ex])
+        logits = model_logits(model, b)[0]
+        for t in range(len(ex.input_ids) - 1):
+            p = torch.softmax(logits[t], -1)
+            for k in range(logits.shape[-1]):
+                y = torch.full((1, len(ex.input_ids)), -100)
+                y[0, t] = k
+                g = per_example_grads(model, tms, b, "lm", targets=y)
+                for n in exact:
+                    exact[n] = exact[n] + float(p[k]) * g[n][0] ** 2 / len(exs)
+
+    def err(samples, seed):
+        f = fit_factors(model, data, FitConfig(strategy="diagonal", samples=samples, seed=seed), fingerprint="t")
+        assert f.n_examples_lambda == 4 * samples
+        return sum(float((f.lambdas(b) - exact[f.blocks[b].module][f.blocks[b].rows]).abs().sum()) for b in f.blocks) / sum(
+            float(d.abs().sum()) for d in exact.values())
+
+    one = sum(err(1, s) for s in range(3)) / 3
+    many = sum(err(64, s) for s in range(3)) / 3
+    assert many < 0.5 * one, (one, many)
+    with pytest.raises(ValueError, match="sampled labels"):
+        FitConfig(samples=2, labels="empirical").validate()

@@ -36,6 +36,7 @@ class FitConfig:
     batch_size: int = 8
     stats_dtype: str = "float64"  # accumulation dtype of the sums
     generic: bool = False  # track every backbone linear of an unregistered architecture
+    samples: int = 1  # label draws per example (sampled labels): more draws, less Monte-Carlo noise
 
     def validate(self) -> "FitConfig":
         check_objective(self.objective)
@@ -45,6 +46,10 @@ class FitConfig:
             raise ValueError("batch_size must be ≥ 1")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError("max_examples must be ≥ 1")
+        if self.samples < 1:
+            raise ValueError("samples must be ≥ 1")
+        if self.samples > 1 and self.labels == "empirical":
+            raise ValueError("samples > 1 only makes sense with sampled labels (the data labels are fixed)")
         return self
 
 
@@ -164,6 +169,18 @@ def fit_factors(
     return fs
 
 
+def _draws(model, tms, batch: Batch, cfg: FitConfig, pass_: int):
+    """``(a, s)`` of ``cfg.samples`` forward/backward passes of one batch, each with its own label draw
+    (streams ``pass_``, ``pass_ + 2``, ... so that the two passes never share draws)."""
+    for k in range(cfg.samples):
+        stream = pass_ + 2 * k
+        a, s, _ = record_batch(
+            model, tms, batch,
+            lambda logits: curvature_targets(logits, batch, cfg.objective, cfg.labels, cfg.seed, stream=stream),
+        )
+        yield a, s
+
+
 def _covariance_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progress: bool):
     """Sums of ``a aᵀ`` per module and ``s sᵀ`` per block over non-padding tokens.
 
@@ -172,23 +189,20 @@ def _covariance_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progr
     bar = tqdm(desc="covariance pass", unit="ex", total=cfg.max_examples, disable=not progress)
     for batch in _batches(data, cfg.max_examples):
         _check_batch(batch, cfg.objective)
-        a, s, _ = record_batch(
-            model, tms, batch,
-            lambda logits: curvature_targets(logits, batch, cfg.objective, cfg.labels, cfg.seed, stream=0),
-        )
         mask = batch.attention_mask.bool()
-        for tm in tms:
-            am = a[tm.name][mask]  # (n_tok, in_dim)
-            A = (am.T @ am).to(sdt)
-            fs.A_sum[tm.name] = fs.A_sum[tm.name] + A if tm.name in fs.A_sum else A
-            sm = s[tm.name][mask]
-            for blk in tm.blocks:
-                sb = sm[:, blk.rows]
-                S = (sb.T @ sb).to(sdt)
-                st = fs.stats.setdefault(blk.name, BlockStats())
-                st.S_sum = S if st.S_sum is None else st.S_sum + S
-        fs.n_tokens += int(mask.sum())
-        fs.n_examples_cov += batch.size
+        for a, s in _draws(model, tms, batch, cfg, 0):
+            for tm in tms:
+                am = a[tm.name][mask]  # (n_tok, in_dim)
+                A = (am.T @ am).to(sdt)
+                fs.A_sum[tm.name] = fs.A_sum[tm.name] + A if tm.name in fs.A_sum else A
+                sm = s[tm.name][mask]
+                for blk in tm.blocks:
+                    sb = sm[:, blk.rows]
+                    S = (sb.T @ sb).to(sdt)
+                    st = fs.stats.setdefault(blk.name, BlockStats())
+                    st.S_sum = S if st.S_sum is None else st.S_sum + S
+            fs.n_tokens += int(mask.sum())
+            fs.n_examples_cov += batch.size
         bar.update(batch.size)
     bar.close()
     if fs.n_examples_cov == 0:
@@ -231,27 +245,24 @@ def _lambda_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progress:
     sums: dict[str, torch.Tensor] = {}
     for batch in _batches(data, cfg.max_examples):
         _check_batch(batch, cfg.objective)
-        a, s, _ = record_batch(
-            model, tms, batch,
-            lambda logits: curvature_targets(logits, batch, cfg.objective, cfg.labels, cfg.seed, stream=1),
-        )
-        for tm in tms:
-            am, sm = a[tm.name], s[tm.name]
-            if cfg.strategy == "ekfac":
-                if tm.name not in rot:
-                    rot[tm.name] = (fs.QA[tm.name].to(am.dtype), _block_rotation(fs, tm, sm.dtype))
-                QA, rotate_s = rot[tm.name]
-                am, sm = am @ QA, rotate_s(sm)
-            B = am.shape[0]
-            step = max(1, _CHUNK_ELEMS // (tm.out_features * tm.in_dim))
-            lam = None
-            for i in range(0, B, step):
-                g = torch.einsum("bto,bti->boi", sm[i : i + step], am[i : i + step])  # per-sequence gradients
-                part = (g * g).sum(0)
-                lam = part if lam is None else lam + part
-            lam = lam.to(sdt)
-            sums[tm.name] = sums[tm.name] + lam if tm.name in sums else lam
-        fs.n_examples_lambda += batch.size
+        for a, s in _draws(model, tms, batch, cfg, 1):
+            for tm in tms:
+                am, sm = a[tm.name], s[tm.name]
+                if cfg.strategy == "ekfac":
+                    if tm.name not in rot:
+                        rot[tm.name] = (fs.QA[tm.name].to(am.dtype), _block_rotation(fs, tm, sm.dtype))
+                    QA, rotate_s = rot[tm.name]
+                    am, sm = am @ QA, rotate_s(sm)
+                B = am.shape[0]
+                step = max(1, _CHUNK_ELEMS // (tm.out_features * tm.in_dim))
+                lam = None
+                for i in range(0, B, step):
+                    g = torch.einsum("bto,bti->boi", sm[i : i + step], am[i : i + step])  # per-sequence gradients
+                    part = (g * g).sum(0)
+                    lam = part if lam is None else lam + part
+                lam = lam.to(sdt)
+                sums[tm.name] = sums[tm.name] + lam if tm.name in sums else lam
+            fs.n_examples_lambda += batch.size
         bar.update(batch.size)
     bar.close()
     if fs.n_examples_lambda == 0:
