@@ -140,3 +140,20 @@ def test_exact_rotated_lambdas_and_precondition_with():
     v = sc.from_modules(sc.precondition_with(fs, lam, grads, 0.05), tms)
     g = sc.from_modules(grads, tms)
     assert float((v * g).sum()) > 0
+
+
+def test_cli_bench_scalability_with_lds(quick, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from msif.cli import app
+    from msif.eval import lds
+
+    fake = {"config": {"n_subsets": 2, "fraction": 0.5, "damping": 0.1}, "n_queries": 1, "n_train": 4,
+            "methods": {"ekfac": {"mean": 0.25, "std": 0.0, "per_query": [0.25]}},
+            "cost": {"subset_training_s": 1.0, "per_model_s": 0.5, "total_s": 2.0}}
+    monkeypatch.setattr(sc, "run", lambda cfg, progress=None: dict(quick))
+    monkeypatch.setattr(lds, "run", lambda cfg, progress=None: fake)
+    out = CliRunner().invoke(app, ["bench", "scalability", "--quick", "--lds", "--out", str(tmp_path), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert "Linear datamodeling score" in out.output and "0.250" in out.output
+    assert (tmp_path / "lds.md").exists()
