@@ -33,23 +33,22 @@ def world_artifacts(world, progress: bool = True, batch_size: int = 16, log=prin
 
     root = world.path / "artifacts"
     art = Artifacts(root / "factors-pt", root / "factors-ft", root / "index")
-    if not (art.pt_factors / "factors.json").exists():
-        t0 = time.perf_counter()
-        log("fitting EK-FAC factors of the pre-trained model on the corpus (LM loss) …")
-        api.fit(str(world.pretrained_dir), str(world.corpus_path), out=art.pt_factors, tokenizer=str(world.tokenizer_dir),
-                objective="lm", batch_size=batch_size, progress=progress)
-        log(f"  done in {time.perf_counter() - t0:.0f} s")
-    if not (art.ft_factors / "factors.json").exists():
-        t0 = time.perf_counter()
-        log("fitting EK-FAC factors of the fine-tuned model on its QA data (answer tokens) …")
-        api.fit(str(world.finetuned_dir), str(world.qa_finetune_path), out=art.ft_factors, tokenizer=str(world.tokenizer_dir),
-                objective="answer", batch_size=batch_size, progress=progress)
-        log(f"  done in {time.perf_counter() - t0:.0f} s")
-    if not (art.index / "meta.json").exists():
-        t0 = time.perf_counter()
-        log("embedding the corpus (all-MiniLM-L6-v2) into a FAISS index …")
-        build_index(str(world.corpus_path), art.index, progress=progress, overwrite=True)
-        log(f"  done in {time.perf_counter() - t0:.0f} s")
+    steps = [
+        (art.pt_factors / "factors.json", "fitting EK-FAC factors of the pre-trained model on the corpus (LM loss)",
+         lambda: api.fit(str(world.pretrained_dir), str(world.corpus_path), out=art.pt_factors, tokenizer=str(world.tokenizer_dir),
+                         objective="lm", batch_size=batch_size, progress=progress)),
+        (art.ft_factors / "factors.json", "fitting EK-FAC factors of the fine-tuned model on its QA data (answer tokens)",
+         lambda: api.fit(str(world.finetuned_dir), str(world.qa_finetune_path), out=art.ft_factors, tokenizer=str(world.tokenizer_dir),
+                         objective="answer", batch_size=batch_size, progress=progress)),
+        (art.index / "meta.json", "embedding the corpus (all-MiniLM-L6-v2) into a FAISS index",
+         lambda: build_index(str(world.corpus_path), art.index, progress=progress, overwrite=True)),
+    ]
+    for done_marker, what, build in steps:
+        if not done_marker.exists():
+            t0 = time.perf_counter()
+            log(what + " …")
+            build()
+            log(f"  done in {time.perf_counter() - t0:.0f} s")
     return art
 
 

@@ -32,13 +32,7 @@ from msif.models.adapters import Block, TrackedModule, tracked_modules
 V = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny float64 problems: thread start-up dominates, and oversubscribed cores make it far worse."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _neox_cfg(layers=1, **kw):

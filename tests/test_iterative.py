@@ -20,13 +20,7 @@ from msif.data.encoding import Encoded, collate
 from msif.models.adapters import tracked_modules
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny float64 problems: thread start-up dominates, and oversubscribed cores make it far worse."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spd(spectrum: torch.Tensor, seed: int) -> torch.Tensor:
