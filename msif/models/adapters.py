@@ -149,38 +149,31 @@ def _layers(model: nn.Module, prefix_re: str) -> list[str]:
     return [n for _, n in sorted(found)]
 
 
-@register_adapter("gpt_neox")
-def _gpt_neox(model: nn.Module, per_head: bool) -> list[TrackedModule]:
-    cfg = model.config
-    nh = cfg.num_attention_heads
-    hd = cfg.hidden_size // nh
+def _interleaved_qkv(model: nn.Module, per_head: bool, layers: str, attn: str, n_heads: int) -> list[TrackedModule]:
+    """GPT-NeoX / BLOOM: a fused ``query_key_value`` whose rows are interleaved per head.
+
+    GPT-NeoX views the output as ``(B, T, nh, 3*hd)`` and chunks it in 3, BLOOM as ``(B, T, nh, 3, hd)``:
+    either way head ``h`` owns rows ``[3*hd*h, 3*hd*(h+1))`` as ``q | k | v``.
+    """
+    hd = model.config.hidden_size // n_heads
     out = []
-    for layer in _layers(model, r"layers"):
-        qkv = f"{layer}.attention.query_key_value"
-        # view(B, T, nh, 3*hd) then chunk(3): head h owns rows [3*hd*h, 3*hd*(h+1)) as q | k | v
-        segs = [(p, h, 3 * hd * h + j * hd, 3 * hd * h + (j + 1) * hd) for h in range(nh) for j, p in enumerate("qkv")]
-        out.append(_heads(model, qkv, segs, per_head))
-        out.append(_whole(model, f"{layer}.attention.dense", "attention"))
+    for layer in _layers(model, layers):
+        segs = [(p, h, 3 * hd * h + j * hd, 3 * hd * h + (j + 1) * hd) for h in range(n_heads) for j, p in enumerate("qkv")]
+        out.append(_heads(model, f"{layer}.{attn}.query_key_value", segs, per_head))
+        out.append(_whole(model, f"{layer}.{attn}.dense", "attention"))
         out.append(_whole(model, f"{layer}.mlp.dense_h_to_4h", "mlp"))
         out.append(_whole(model, f"{layer}.mlp.dense_4h_to_h", "mlp"))
     return out
+
+
+@register_adapter("gpt_neox")
+def _gpt_neox(model: nn.Module, per_head: bool) -> list[TrackedModule]:
+    return _interleaved_qkv(model, per_head, r"layers", "attention", model.config.num_attention_heads)
 
 
 @register_adapter("bloom")
 def _bloom(model: nn.Module, per_head: bool) -> list[TrackedModule]:
-    cfg = model.config
-    nh = cfg.n_head
-    hd = cfg.hidden_size // nh
-    out = []
-    for layer in _layers(model, r"h"):
-        qkv = f"{layer}.self_attention.query_key_value"
-        # view(B, T, nh, 3, hd): head h owns rows [3*hd*h, 3*hd*(h+1)) as q | k | v
-        segs = [(p, h, 3 * hd * h + j * hd, 3 * hd * h + (j + 1) * hd) for h in range(nh) for j, p in enumerate("qkv")]
-        out.append(_heads(model, qkv, segs, per_head))
-        out.append(_whole(model, f"{layer}.self_attention.dense", "attention"))
-        out.append(_whole(model, f"{layer}.mlp.dense_h_to_4h", "mlp"))
-        out.append(_whole(model, f"{layer}.mlp.dense_4h_to_h", "mlp"))
-    return out
+    return _interleaved_qkv(model, per_head, r"h", "self_attention", model.config.n_head)
 
 
 @register_adapter("gpt2")
