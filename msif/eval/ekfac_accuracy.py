@@ -48,6 +48,7 @@ from ..curvature.factors import FactorSet
 from ..curvature.fit import FitConfig, fit_factors
 from ..data.encoding import Batch, Encoded, collate
 from ..models.adapters import tracked_modules
+from ..objectives import data_targets, model_logits, summed_loss
 
 METHODS = ("ekfac", "kfac", "diagonal", "identity")
 
@@ -156,12 +157,7 @@ def build_model(cfg: StudyConfig):
 
 def _token_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over counted positions, and their number."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    tgt = torch.full_like(batch.input_ids, -100)
-    tgt[:, :-1] = batch.input_ids[:, 1:]
-    tgt = torch.where(batch.target_mask, tgt, torch.full_like(tgt, -100))
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                             ignore_index=-100, reduction="sum")
+    loss = summed_loss(model_logits(model, batch), data_targets(batch, "lm")).sum()
     return loss, int(batch.target_mask.sum())
 
 

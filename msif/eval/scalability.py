@@ -60,6 +60,7 @@ from ..curvature.factors import FactorSet
 from ..curvature.fit import FitConfig, fit_factors, per_example_grads
 from ..data.encoding import Batch, Encoded, collate
 from ..models.adapters import tracked_modules
+from ..objectives import data_targets, model_logits, summed_loss
 
 # the paper's Table 1 (Spearman ρ against CG), for reference
 PAPER_TABLE1 = {
@@ -200,13 +201,8 @@ def build_model(vocab_size: int, hidden: int, layers: int, heads: int, intermedi
 
 
 def _token_nll(model, batch: Batch) -> tuple[torch.Tensor, int]:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    tgt = torch.full_like(batch.input_ids, -100)
-    tgt[:, :-1] = batch.input_ids[:, 1:]
-    tgt = torch.where(batch.target_mask, tgt, torch.full_like(tgt, -100))
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    """Summed next-token cross-entropy over counted positions, and their number."""
+    loss = summed_loss(model_logits(model, batch), data_targets(batch, "lm")).sum()
     return loss, int(batch.target_mask.sum())
 
 
@@ -224,8 +220,6 @@ def mean_token_loss(model, examples: list[Encoded], batch_size: int = 128) -> fl
 
 def sequence_losses(model, examples: list[Encoded], batch_size: int = 128) -> torch.Tensor:
     """Summed next-token loss of each example ``(N,)`` (the measurement ``m`` of a query)."""
-    from ..objectives import data_targets, summed_loss
-
     was = model.training
     model.eval()
     out = []
