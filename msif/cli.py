@@ -287,7 +287,7 @@ def _candidates(corp, index_dir, retriever, method, texts, k):
 @app.command()
 @user_errors
 def demo(
-    question: Optional[str] = typer.Option(None, help="Ask another question (default: What is the capital of France?)."),
+    question: Optional[str] = typer.Option(None, help="Ask another question (default: What is the capital of Italy?, a fact never seen in fine-tuning)."),
     answer: Optional[str] = typer.Option(None, help="Attribute this answer instead of the model's greedy one."),
     out: Path = typer.Option(Path("runs/demo"), help="Folder for report.html and result.json."),
     top: int = typer.Option(5, help="Documents to show."),

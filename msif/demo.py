@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_QUESTION = "What is the capital of France?"
+DEFAULT_QUESTION = "What is the capital of Italy?"  # a held-out fact: never seen in fine-tuning
 
 
 @dataclass
