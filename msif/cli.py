@@ -297,14 +297,20 @@ def demo(
     damping_ft: str = typer.Option("0.1x", "--damping-ft", help="λ_ft (absolute, or relative like 0.1x)."),
     size: str = typer.Option("full", help="Bundled world: full, or tiny (seconds to build, for a smoke test)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Your own pre-trained model (with --finetuned, --corpus, --finetune-data)."),
+    finetuned: Optional[str] = typer.Option(None, "--finetuned", help="Your own fine-tuned causal LM."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="Your pre-training corpus (JSONL / Parquet / datasets; text and id fields)."),
+    finetune_data: Optional[str] = typer.Option(None, "--finetune-data", help="Your fine-tuning data (prompt / answer fields)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (default: the pre-trained model's)."),
 ):
-    """The whole pipeline on the bundled world: build/load it, ask, decode, retrieve, rerank by MS-IF,
-    print the top documents and write an HTML report. For your own models use `msif fit`, `msif index`
-    and `msif attribute`."""
+    """The whole pipeline on the bundled world (or your own models): build/load it, ask, decode, retrieve,
+    rerank by MS-IF, print the top documents and write an HTML report. With your own models the factors
+    and the index are cached under OUT/cache; for full control use `msif fit`, `msif index`, `msif attribute`."""
     from .demo import run_demo
 
     run_demo(question=question, answer=answer, out=out, top=top, candidates=candidates, method=method,
-             damping_pt=damping_pt, damping_ft=damping_ft, size=size, progress=progress)
+             damping_pt=damping_pt, damping_ft=damping_ft, size=size, progress=progress, pretrained=pretrained,
+             finetuned=finetuned, corpus=corpus, finetune_data=finetune_data, tokenizer=tokenizer)
 
 
 bench_app = typer.Typer(help="Experiments of the paper (fact tracing, scalability).", no_args_is_help=True)

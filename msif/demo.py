@@ -24,24 +24,24 @@ class Artifacts:
     index: Path
 
 
-def world_artifacts(world, progress: bool = True, batch_size: int = 16, log=print) -> Artifacts:
-    """Fit (once) the pre-training and fine-tuning factors and build (once) the embedding index of a
-    world, caching them under ``<world>/artifacts``. Every write is atomic, so a killed run rebuilds
-    only what is missing."""
+def build_artifacts(root: Path, pretrained: str, finetuned: str, tokenizer: str, corpus: str, finetune_data: str,
+                    progress: bool = True, batch_size: int = 16, log=print) -> Artifacts:
+    """Fit (once) the pre-training factors (LM loss on ``corpus``) and the fine-tuning factors (answer
+    loss on ``finetune_data``, fields prompt/answer), and build (once) the corpus embedding index, all
+    cached under ``root``. Every write is atomic, so a killed run rebuilds only what is missing."""
     from . import api
     from .retrieval import build_index
 
-    root = world.path / "artifacts"
     art = Artifacts(root / "factors-pt", root / "factors-ft", root / "index")
     steps = [
         (art.pt_factors / "factors.json", "fitting EK-FAC factors of the pre-trained model on the corpus (LM loss)",
-         lambda: api.fit(str(world.pretrained_dir), str(world.corpus_path), out=art.pt_factors, tokenizer=str(world.tokenizer_dir),
-                         objective="lm", batch_size=batch_size, progress=progress)),
+         lambda: api.fit(pretrained, corpus, out=art.pt_factors, tokenizer=tokenizer, objective="lm", batch_size=batch_size,
+                         progress=progress)),
         (art.ft_factors / "factors.json", "fitting EK-FAC factors of the fine-tuned model on its QA data (answer tokens)",
-         lambda: api.fit(str(world.finetuned_dir), str(world.qa_finetune_path), out=art.ft_factors, tokenizer=str(world.tokenizer_dir),
-                         objective="answer", batch_size=batch_size, progress=progress)),
+         lambda: api.fit(finetuned, finetune_data, out=art.ft_factors, tokenizer=tokenizer, objective="answer",
+                         batch_size=batch_size, progress=progress)),
         (art.index / "meta.json", "embedding the corpus (all-MiniLM-L6-v2) into a FAISS index",
-         lambda: build_index(str(world.corpus_path), art.index, progress=progress, overwrite=True)),
+         lambda: build_index(corpus, art.index, progress=progress, overwrite=True)),
     ]
     for done_marker, what, build in steps:
         if not done_marker.exists():
@@ -50,6 +50,12 @@ def world_artifacts(world, progress: bool = True, batch_size: int = 16, log=prin
             build()
             log(f"  done in {time.perf_counter() - t0:.0f} s")
     return art
+
+
+def world_artifacts(world, progress: bool = True, batch_size: int = 16, log=print) -> Artifacts:
+    """:func:`build_artifacts` for a bundled world, cached under ``<world>/artifacts``."""
+    return build_artifacts(world.path / "artifacts", str(world.pretrained_dir), str(world.finetuned_dir), str(world.tokenizer_dir),
+                           str(world.corpus_path), str(world.qa_finetune_path), progress, batch_size, log)
 
 
 def _fact_for_question(world, question: str):
@@ -73,9 +79,15 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     quiet: bool = False,
+    pretrained: str | None = None,
+    finetuned: str | None = None,
+    corpus: str | None = None,
+    finetune_data: str | None = None,
+    tokenizer: str | None = None,
 ) -> dict:
-    """Run the demo on the bundled world; returns the result dict and writes ``<out>/report.html`` and
-    ``<out>/result.json``."""
+    """Run the demo on the bundled world, or on your own models (``pretrained``, ``finetuned``,
+    ``corpus`` and ``finetune_data`` together: factors and index are then cached under ``<out>/cache``);
+    returns the result dict and writes ``<out>/report.html`` and ``<out>/result.json``."""
     import json
 
     from .data.corpus import Corpus
@@ -86,20 +98,38 @@ def run_demo(
 
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     t_start = time.perf_counter()
-    world = load_world(seed=seed, size=size, progress=progress)
-    art = world_artifacts(world, progress=progress, log=log)
-    if question is None:
-        question = DEFAULT_QUESTION
-        if _fact_for_question(world, question) is None and world.test_facts:
-            question = world.test_facts[0].question
-    fact = _fact_for_question(world, question)
-    prompt = world.qa_prompt(question)
-    att = Attributor(str(world.pretrained_dir), str(world.finetuned_dir), str(world.tokenizer_dir),
+    out = Path(out)
+    own = [pretrained, finetuned, corpus, finetune_data]
+    if any(x is not None for x in own):
+        if not all(x is not None for x in own):
+            from .data.encoding import InputError
+
+            raise InputError("to run the demo on your own models give --pretrained, --finetuned, --corpus and --finetune-data together")
+        if question is None:
+            from .data.encoding import InputError
+
+            raise InputError("give the question to ask your fine-tuned model with --question (asked exactly as written)")
+        world, fact, prompt = None, None, question
+        tokenizer = tokenizer or pretrained
+        art = build_artifacts(out / "cache", pretrained, finetuned, tokenizer, corpus, finetune_data, progress=progress, log=log)
+        corpus_path = corpus
+    else:
+        world = load_world(seed=seed, size=size, progress=progress)
+        art = world_artifacts(world, progress=progress, log=log)
+        if question is None:
+            question = DEFAULT_QUESTION
+            if _fact_for_question(world, question) is None and world.test_facts:
+                question = world.test_facts[0].question
+        fact = _fact_for_question(world, question)
+        prompt = world.qa_prompt(question)
+        pretrained, finetuned, tokenizer = str(world.pretrained_dir), str(world.finetuned_dir), str(world.tokenizer_dir)
+        corpus_path = str(world.corpus_path)
+    att = Attributor(pretrained, finetuned, tokenizer,
                      pt_factors=art.pt_factors, ft_factors=art.ft_factors, damping_pt=damping_pt, damping_ft=damping_ft)
     (pq,) = att.prepare([Query(prompt, answer, id="demo")])
     log(f"\nQ: {question}\nA (fine-tuned model{', greedy' if pq.generated else ''}): {pq.answer!r}"
         + (f"   [known answer: {fact.answer!r}]" if fact is not None else ""))
-    corpus = Corpus(str(world.corpus_path))
+    corpus = Corpus(corpus_path)
     hits = load_index(art.index, corpus=corpus).search([question + " " + pq.answer.strip()], k=candidates)
     rows = [int(r) for r in hits.rows[0] if r >= 0]
     res = att.attribute([pq], corpus, candidates=[rows], method=method, top=top)
@@ -112,8 +142,7 @@ def run_demo(
         result["gold_in_candidates"] = len(set(result["gold"]) & set(corpus.doc_ids(rows)))
     result["candidates"] = len(rows)
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
-    out = Path(out)
-    notes = {"world": world.path.name, "candidates (embedding KNN)": len(rows), "pre-training documents": len(corpus)}
+    notes = {"models": f"{Path(pretrained).name} → {Path(finetuned).name}", "candidates (embedding KNN)": len(rows), "pre-training documents": len(corpus)}
     if fact is not None:
         notes["sources of the fact among the candidates"] = f"{result['gold_in_candidates']} of {len(result['gold'])}"
     report = write_report(out / "report.html", [result], title="msif demo: which pre-training documents made the model say this?", notes=notes)
