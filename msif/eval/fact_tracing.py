@@ -48,16 +48,17 @@ markdown table and a Figure-3-style plot.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from .outputs import write_outputs as _write_outputs
 
 from .metrics import (
     chance_mrr,
@@ -309,7 +310,6 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
         bm25 = BM25Index.build(texts, doc_ids=[d["id"] for d in docs])
 
     # ---------------------------------------------------------------- queries
-    facts = world.fact_index
     qa_all = [
         _Q(f.id, "qa", world.qa_prompt(f.question), f.answer, None, f.question + f.answer,
            np.array(sorted(row_of[s] for s in f.sources), np.int64), len(f.sources))
@@ -710,7 +710,7 @@ def markdown(res: dict) -> str:
             ch = [c for c in res["chance"] if c["task"] == task and c["setting"] == setting]
             if ch:
                 c = ch[0]
-                lines.append(f"| chance (expected) | – | " + " | ".join(
+                lines.append("| chance (expected) | – | " + " | ".join(
                     fmt_mean_std(c[m]["mean"], c[m]["std"]) for m in ("mrr", f"recall_any@{k}", f"recall_frac@{k}")) + " |")
             lines.append("")
     lines.append("## Best damping per method (by mean MRR)")
@@ -777,10 +777,4 @@ def plot(res: dict, path: str | Path) -> Path:
 
 def write_outputs(res: dict, out_dir: str | Path) -> dict[str, Path]:
     """Write ``fact_tracing.json``, ``fact_tracing.md`` and ``fact_tracing.png`` into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "fact_tracing.json", "markdown": out / "fact_tracing.md", "plot": out / "fact_tracing.png"}
-    paths["json"].write_text(json.dumps(res, indent=1))
-    paths["markdown"].write_text(markdown(res))
-    plot(res, paths["plot"])
-    return paths
+    return _write_outputs(res, out_dir, "fact_tracing", markdown, plot)

@@ -16,13 +16,14 @@ Everything is computed in float64.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from .outputs import write_outputs as _write_outputs
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -153,11 +154,5 @@ def markdown(res: dict, top: int | None = None) -> str:
 
 
 def write_outputs(res: dict, out_dir: str | Path) -> dict[str, Path]:
-    """``proximity.json``, ``proximity.md`` and ``proximity.png`` in ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "proximity.json", "markdown": out / "proximity.md", "plot": out / "proximity.png"}
-    paths["json"].write_text(json.dumps(res, indent=1))
-    paths["markdown"].write_text(markdown(res))
-    histogram(res, paths["plot"])
-    return paths
+    """Write ``proximity.json``, ``proximity.md`` and ``proximity.png`` into ``out_dir``."""
+    return _write_outputs(res, out_dir, "proximity", markdown, histogram)

@@ -26,7 +26,7 @@ from torch import nn
 from ..curvature.factors import FactorError, FactorSet
 from ..curvature.fit import per_example_grads
 from ..data.encoding import Encoded, InputError, collate, encode_classification, encode_prompt, encode_prompt_answer, encode_text, pad_token_id
-from ..models.adapters import TrackedModule, tracked_modules
+from ..models.adapters import tracked_modules
 from .scoring import ScoreResult, low_rank, score_batches
 
 METHODS = ("ms-if", "ss-if", "gdp", "repsim")

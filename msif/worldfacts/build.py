@@ -49,13 +49,13 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from msif.data.encoding import collate, encode_classification, encode_prompt_answer, encode_text
-from msif.worldfacts.corpus import Corpus, CorpusConfig, Fact, build_corpus, read_jsonl, write_corpus, write_jsonl
+from msif.worldfacts.corpus import CorpusConfig, Fact, build_corpus, read_jsonl, write_corpus, write_jsonl
 
 #: Bump when anything that changes the built artefacts changes (invalidates caches).
 BUILD_VERSION = "4"  # 4: QA fine-tuning teaches the model to end its answer (EOS)
