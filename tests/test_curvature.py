@@ -358,3 +358,13 @@ def test_more_label_draws_per_example_reduce_monte_carlo_noise():
     assert many < 0.5 * one, (one, many)
     with pytest.raises(ValueError, match="sampled labels"):
         FitConfig(samples=2, labels="empirical").validate()
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "diagonal"])
+def test_zero_damping_with_zero_eigenvalues_is_refused(strategy):
+    model = tiny_neox_classifier(seed=1)
+    data = [collate([Encoded([7], [False], label=2, index=0)])]  # one token: rank-one blocks, many zero eigenvalues
+    fs = fit_factors(model, data, FitConfig(objective="classification", strategy=strategy, labels="empirical"), fingerprint="t")
+    with pytest.raises(FactorError, match="damping is 0"):
+        fs.precondition(_rand_grads(fs), 0.0)
+    fs.precondition(_rand_grads(fs), 1e-3)

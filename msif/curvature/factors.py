@@ -159,18 +159,17 @@ class FactorSet:
             res = torch.empty_like(g)
             for blk in self.modules[m].blocks:
                 V = g[..., blk.rows, :]
-                if self.strategy == "diagonal":
-                    res[..., blk.rows, :] = V / (self.lambdas(blk.name) + lam)
-                    continue
-                if lam == 0 and bool((self.lambdas(blk.name) <= 0).any()):
+                lam_b = self.lambdas(blk.name)
+                if lam == 0 and bool((lam_b <= 0).any()):
                     raise FactorError(
                         f"block {blk.name} has zero eigenvalues and damping is 0: the inverse does not exist; "
                         "use a positive damping"
                     )
+                if self.strategy == "diagonal":
+                    res[..., blk.rows, :] = V / (lam_b + lam)
+                    continue
                 QA, QS = self.QA[m], self.QS[blk.name]
-                R = QS.T @ V @ QA
-                R = R / (self.lambdas(blk.name) + lam)
-                res[..., blk.rows, :] = QS @ R @ QA.T
+                res[..., blk.rows, :] = QS @ ((QS.T @ V @ QA) / (lam_b + lam)) @ QA.T
             out[m] = res
         return out
 
