@@ -49,6 +49,7 @@ def fit(
     progress: bool = True,
     model_name: str | None = None,
     samples: int = 1,
+    refine: int = 0,
 ) -> FactorSet:
     """Fit curvature factors of ``model`` on ``data`` and (if ``out``) save them atomically.
 
@@ -68,7 +69,7 @@ def fit(
         data = ExampleBatches(data, tokenizer, objective, batch_size=batch_size, fields=fields,
                               max_examples=max_examples, max_length=max_length, truncate=truncate)
     cfg = FitConfig(objective=objective, strategy=strategy, modules=modules, per_head=per_head, labels=labels,
-                    seed=seed, max_examples=max_examples, batch_size=batch_size, generic=generic, samples=samples)
+                    seed=seed, max_examples=max_examples, batch_size=batch_size, generic=generic, samples=samples, refine=refine)
     fs = fit_factors(model, data, cfg, progress=progress, model_name=model_name or name)
     if out is not None:
         fs.save(out)

@@ -92,6 +92,7 @@ def fit(
     seed: int = typer.Option(0, help="Seed of the label sampling."),
     labels: Labels = typer.Option(Labels.sampled, help="sampled (true Fisher = GGN) or empirical (data labels)."),
     samples: int = typer.Option(1, help="Label draws per example (sampled labels); more draws, less noise (e.g. for a confident classifier)."),
+    refine_basis: int = typer.Option(0, "--refine-basis", help="EK-FAC: extra passes that move A and S towards the nearest Kronecker product of each GGN block (1 is usually enough; each costs about one eigenvalue-correction pass)."),
     per_head: bool = typer.Option(True, "--per-head/--per-projection", help="Q/K/V of each head as separate blocks (default), or one block per projection."),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder or id (default: the model's)."),
     text_field: str = typer.Option("text", help="Field with the text."),
@@ -106,6 +107,13 @@ def fit(
 ):
     """Fit EK-FAC (or K-FAC / diagonal / identity) curvature factors of MODEL on DATA."""
     from . import api
+    from .curvature.fit import FitConfig
+
+    try:  # settings first: a bad combination fails before the model is loaded
+        FitConfig(objective=objective.value, strategy=strategy.value, labels=labels.value, samples=samples,
+                  refine=refine_basis, batch_size=batch_size, max_examples=max_examples).validate()
+    except ValueError as e:
+        _fail(str(e))
     from .data.examples import Fields
     from .models.loading import load_model, load_tokenizer
 
@@ -117,6 +125,7 @@ def fit(
         modules=modules.value, per_head=per_head, labels=labels.value, max_examples=max_examples,
         batch_size=batch_size, seed=seed, fields=Fields(text_field, prompt_field, answer_field, label_field),
         max_length=max_length, truncate=truncate, generic=generic, progress=progress, model_name=model, samples=samples,
+        refine=refine_basis,
     )
     console.print(
         f"[green]fitted[/] {strategy.value} factors for {len(fs.blocks)} blocks of {len(fs.modules)} layers on "

@@ -85,6 +85,14 @@ def test_fit_cli_options(checkpoint, tmp_path):
     fs = FactorSet.load(tmp_path / "f")
     assert fs.strategy == "kfac" and fs.n_examples_cov == 3 and fs.meta["config"]["seed"] == 4
     assert {tm.role for tm in fs.modules.values()} == {"mlp"}
+    code, out = run("fit", checkpoint / "lm", checkpoint / "lm.jsonl", "--out", tmp_path / "r", "--refine-basis", 2,
+                    "--samples", 2, "--no-progress")
+    assert code == 0, out
+    fs = FactorSet.load(tmp_path / "r")
+    assert fs.meta["config"]["refine"] == 2 and fs.meta["config"]["samples"] == 2 and "refine_s" in fs.meta["timings"]
+    code, out = run("fit", checkpoint / "lm", checkpoint / "lm.jsonl", "--out", tmp_path / "k", "--strategy", "kfac",
+                    "--refine-basis", 1, "--no-progress")
+    assert code != 0 and "only applies to strategy 'ekfac'" in out and not (tmp_path / "k").exists()
 
 
 def test_factors_of_another_model_are_refused(checkpoint, tmp_path):

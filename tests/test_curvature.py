@@ -368,3 +368,92 @@ def test_zero_damping_with_zero_eigenvalues_is_refused(strategy):
     with pytest.raises(FactorError, match="damping is 0"):
         fs.precondition(_rand_grads(fs), 0.0)
     fs.precondition(_rand_grads(fs), 1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# basis refinement: alternating least squares towards the nearest Kronecker product of each block
+# ------------------------------------------------------------------------------------------------
+def _empirical_blocks(model, fs, examples):
+    """Per-example gradients with the data labels (the empirical-Fisher pseudo-gradients), module → list."""
+    tms = list(fs.modules.values())
+    dws = [per_example_grads(model, tms, collate([e]), "lm") for e in examples]
+    return {tm.name: torch.stack([d[tm.name][0] for d in dws]) for tm in tms}
+
+
+def test_one_refinement_pass_is_one_dense_als_step():
+    model = tiny_neox(seed=4)
+    exs = random_lm_examples(10, seed=3)
+    base = fit_factors(model, batches(exs, 5), FitConfig(labels="empirical"), fingerprint="t")
+    ref = fit_factors(model, batches(exs, 5), FitConfig(labels="empirical", refine=1), fingerprint="t")
+    G = _empirical_blocks(model, base, exs)
+    for tm in base.modules.values():
+        A0 = base.A_sum[tm.name] / base.n_tokens
+        dw = G[tm.name]  # (N, out, in_dim)
+        A1 = sum(torch.einsum("noi,op,npj->ij", dw[:, b.rows], base.stats[b.name].S_sum / base.n_tokens, dw[:, b.rows]) for b in tm.blocks)
+        A1 *= torch.trace(A0) / torch.trace(A1)
+        assert torch.allclose(ref.A_sum[tm.name] / ref.n_tokens, A1, rtol=1e-9, atol=1e-13), tm.name
+        for b in tm.blocks:
+            S0 = base.stats[b.name].S_sum / base.n_tokens
+            S1 = torch.einsum("noi,ij,npj->op", dw[:, b.rows], A0, dw[:, b.rows])
+            S1 *= torch.trace(S0) / torch.trace(S1)
+            assert torch.allclose(ref.stats[b.name].S_sum / ref.n_tokens, S1, rtol=1e-9, atol=1e-13), b.name
+    # the refined basis is what gets used: Λ is refitted in it
+    v = _rand_grads(ref, seed=2)
+    assert not all(torch.allclose(base.precondition(v, 1e-3)[m], ref.precondition(v, 1e-3)[m]) for m in v)
+
+
+def test_refinement_converges_to_the_nearest_kronecker_product_of_the_exact_block():
+    """For a single-block module, many passes give the top Kronecker-SVD term of the dense block
+    ``G_b = (1/N) Σ vec(DW_n) vec(DW_n)ᵀ`` (Van Loan–Pitsianis rearrangement + SVD). For a module whose
+    blocks share ``A``, the fixed point of the least-squares problem ``Σ_b ‖G_b − S_b ⊗ A‖²`` holds."""
+    model = tiny_neox(seed=6)
+    exs = random_lm_examples(16, seed=7)
+    fs = fit_factors(model, batches(exs, 8), FitConfig(labels="empirical", refine=60), fingerprint="t")
+    G = _empirical_blocks(model, fs, exs)
+    N = len(exs)
+
+    def unit(x):
+        x = x / x.norm()
+        return x * torch.sign(x.reshape(-1)[x.reshape(-1).abs().argmax()])
+
+    checked_single = checked_shared = 0
+    for tm in fs.modules.values():
+        A = fs.A_sum[tm.name] / fs.n_tokens
+        n = A.shape[0]
+        Rs = {}
+        for b in tm.blocks:
+            dw = G[tm.name][:, b.rows]  # (N, o, n)
+            o = dw.shape[1]
+            # rearranged block R[(i,k),(j,l)] = E[DW_ij DW_kl]
+            Rs[b.name] = torch.einsum("nij,nkl->ikjl", dw, dw).reshape(o * o, n * n) / N
+        if len(tm.blocks) == 1:
+            b = tm.blocks[0]
+            U, sv, Vh = torch.linalg.svd(Rs[b.name])
+            assert float(sv[1] / sv[0]) < 0.9  # a gap, so that the power iteration has converged
+            o = int(round(U.shape[0] ** 0.5))
+            S = fs.stats[b.name].S_sum / fs.n_tokens
+            assert torch.allclose(unit(S), unit(U[:, 0].reshape(o, o)), atol=1e-6), tm.name
+            assert torch.allclose(unit(A), unit(Vh[0].reshape(n, n)), atol=1e-6), tm.name
+            checked_single += 1
+        else:
+            Ss = {b.name: fs.stats[b.name].S_sum / fs.n_tokens for b in tm.blocks}
+            for b in tm.blocks:  # S_b ∝ R_b vec(A)
+                want = (Rs[b.name] @ A.reshape(-1)).reshape(Ss[b.name].shape)
+                assert torch.allclose(unit(Ss[b.name]), unit(want), atol=1e-6), b.name
+            want = sum(Rs[b.name].T @ Ss[b.name].reshape(-1) for b in tm.blocks).reshape(n, n)  # A ∝ Σ_b R_bᵀ vec(S_b)
+            assert torch.allclose(unit(A), unit(want), atol=1e-6), tm.name
+            checked_shared += 1
+    assert checked_single and checked_shared
+
+
+def test_refinement_settings_and_merge_are_guarded():
+    with pytest.raises(ValueError, match="only applies to strategy 'ekfac'"):
+        FitConfig(strategy="kfac", refine=1).validate()
+    with pytest.raises(ValueError, match="refine"):
+        FitConfig(refine=-1).validate()
+    model = tiny_neox(seed=9)
+    exs = random_lm_examples(8, seed=8)
+    a = fit_factors(model, batches(exs[:4], 4), FitConfig(refine=1), fingerprint="t")
+    b = fit_factors(model, batches(exs[4:], 4), FitConfig(refine=1), fingerprint="t")
+    with pytest.raises(FactorError, match="cannot be merged"):
+        a.merge_(b)

@@ -5,6 +5,9 @@ dataset loss ``L = (1/N) Σ_n ℓ(z_n)`` is approximated as follows (PAPER_NOTES
 
 * ``A = A_sum / n_tokens`` (token mean of ``a aᵀ``, shared by the module's blocks),
   ``S = S_sum / n_tokens`` (token mean of ``s sᵀ`` over the block's rows);
+* with ``refine = k > 0`` (EK-FAC), ``k`` alternating-least-squares passes then move ``A`` and ``S``
+  towards the nearest Kronecker product of each block (``msif.curvature.fit._refine_pass``); the
+  stored "sums" are then the refined factors times ``n_tokens`` and cannot be merged;
 * ``A = Q_A diag(eig_A) Q_Aᵀ``, ``S = Q_S diag(eig_S) Q_Sᵀ`` (float64 ``eigh``);
 * EK-FAC: ``Λ = lambda_sum / n_examples``, the mean over sequences of ``(Q_Sᵀ DW_n Q_A)²``;
 * K-FAC: ``Λ = (n_tokens / n_examples) · eig_S eig_Aᵀ`` (rescaled to the same GGN scale);
@@ -193,6 +196,11 @@ class FactorSet:
         """Add another partial run's sums and counts into this one (same model and settings)."""
         if set(self.blocks) != set(other.blocks) or self.strategy != other.strategy:
             raise FactorError("cannot merge factors of different blocks or strategies")
+        if any((f.meta.get("config") or {}).get("refine", 0) for f in (self, other)):
+            raise FactorError(
+                "factors fitted with refine > 0 cannot be merged: the refined A and S are not sums over "
+                "examples. Merge the partial runs without refinement, or refit on all the data."
+            )
         for m, A in other.A_sum.items():
             self.A_sum[m] = self.A_sum[m] + A if m in self.A_sum else A.clone()
         for b, st in other.stats.items():

@@ -420,9 +420,9 @@ def _batches(examples: list[Encoded], size: int) -> list[Batch]:
     return [collate(examples[i : i + size]) for i in range(0, len(examples), size)]
 
 
-def fit(model, tms_all, examples: list[Encoded], strategy: str, modules: str, R: int, seed: int) -> FactorSet:
+def fit(model, tms_all, examples: list[Encoded], strategy: str, modules: str, R: int, seed: int, refine: int = 0) -> FactorSet:
     data = _batches(replicated(examples, R), 64) if strategy != "identity" else _batches(examples[:1], 1)
-    return fit_factors(model, data, FitConfig(strategy=strategy, modules=modules, seed=seed, batch_size=64),
+    return fit_factors(model, data, FitConfig(strategy=strategy, modules=modules, seed=seed, batch_size=64, refine=refine),
                        fingerprint="scalability")
 
 
