@@ -27,6 +27,38 @@ def test_dense_ggn_matches_exact_ggn():
     assert torch.allclose(G, ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
 
 
+def test_ggn_blocks_and_batched_matvec_match_the_dense_ggn():
+    model, ex = _trained_tiny()
+    tms = tracked_modules(model)
+    layout = exact.param_layout(tms)
+    G = sc.dense_ggn(model, tms, ex[:7])
+    ranges = list(layout.blocks.values())
+    for Gb, (s, e) in zip(sc.ggn_blocks(model, tms, ex[:7], ranges, rows_per_gemm=5), ranges):
+        assert torch.allclose(Gb, G[s:e, s:e], rtol=1e-9, atol=1e-12 * float(G.abs().max()))
+    mv = sc.ggn_matvec(model, tms, ex[:7], batch_size=3)  # padded batches of different lengths
+    V = torch.randn(G.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(mv(V), G @ V, rtol=1e-9, atol=1e-12 * float((G @ V).abs().max()))
+    assert torch.allclose(mv(V[:, 0]), G @ V[:, 0], rtol=1e-9, atol=1e-12 * float((G @ V).abs().max()))
+
+
+def test_nearest_kronecker_bases_diagonalise_an_exact_kronecker_block():
+    """On a block that is exactly ``S ⊗ A`` the nearest-Kronecker eigenbasis is exact: zero mass off the
+    diagonal, and its preconditioner is the dense inverse."""
+    g = torch.Generator().manual_seed(0)
+    Sx = torch.randn(3, 3, dtype=torch.float64, generator=g)
+    Ax = torch.randn(4, 4, dtype=torch.float64, generator=g)
+    Sx, Ax = Sx @ Sx.T, Ax @ Ax.T
+    Gb = torch.kron(Sx, Ax)
+    QS, QA, lam = sc.nearest_kronecker_basis(Gb, 3, 4)
+    K = torch.kron(QS, QA)
+    rot = K.T @ Gb @ K
+    assert float((rot - torch.diag(torch.diagonal(rot))).abs().max()) < 1e-9 * float(rot.abs().max())
+    v = torch.randn(12, dtype=torch.float64, generator=g)
+    got = (QS @ ((QS.T @ v.reshape(3, 4) @ QA) / (lam + 0.1)) @ QA.T).reshape(-1)
+    assert torch.allclose(got, torch.linalg.solve(Gb + 0.1 * torch.eye(12, dtype=torch.float64), v), rtol=1e-8)
+    assert sc.offdiagonal_mass(Gb, QS, QA) < 1e-12
+
+
 def test_cg_ground_truth_matches_dense_solve_in_value_and_sign():
     """CG with matrix-free GGN-vector products, as the study's ground truth, against a dense solve; and the
     sign convention checked by an actual parameter change."""
@@ -97,9 +129,20 @@ def test_quick_study(quick, tmp_path):
             assert -1.0 <= m["spearman_mean"] <= 1.0, name
         sh = M["ekfac"]["influence_share"]
         assert sh["mlp"] + sh["attention"] == pytest.approx(1.0)
+        # the refined basis and the best Kronecker basis are reported next to EK-FAC
+        assert {"ekfac_refined", "kron_best"} <= set(M)
+    kr = r["kronecker"]["offdiagonal_mass"]
+    assert 0 <= kr["best"] <= kr["ekfac"] <= 1 and 0 <= kr["ekfac_refined"] <= 1
+    assert [row["epoch"] for row in r["sweep"]] == [10, sc.QUICK.epochs]
+    early = r["sweep"][0]
+    assert early["train_loss"] > r["training"]["train_loss"][-1]  # an earlier, less trained checkpoint
+    assert all(c["converged"] for c in early["cg"].values())
+    for v in early["spearman"].values():
+        assert v["ekfac"] > v["gdp"] + 0.1 and all(-1 <= x <= 1 for x in v.values())
     paths = sc.write_outputs(r, tmp_path)
     table = open(paths["table"]).read()
     assert "0.612" in table and "EK-FAC" in table and "ceiling" in table
+    assert "refined basis" in table and "earlier checkpoints" in table
     assert json.loads(open(paths["json"]).read())["model"]["D"] == r["model"]["D"]
     for k in ("figure", "training_curve"):
         assert open(paths[k], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -167,7 +167,7 @@ def _as_float64(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).double()
 
 
-def _weight_dict(theta: torch.Tensor, tms: Sequence[TrackedModule]) -> dict[str, torch.Tensor]:
+def weight_dict(theta: torch.Tensor, tms: Sequence[TrackedModule]) -> dict[str, torch.Tensor]:
     """``θ (D,)`` → ``{"<module>.weight": ..., "<module>.bias": ...}`` in the modules' own storage layout."""
     d = {}
     for tm, m in zip(tms, unflatten(theta, tms).values()):
@@ -199,7 +199,7 @@ class _Functional:
     def logits(self, theta: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``(B, T, V)`` for a causal LM, ``(B, C)`` for a sequence classifier."""
         params = dict(self.frozen)
-        params.update(_weight_dict(theta, self.tms))
+        params.update(weight_dict(theta, self.tms))
         # the math SDPA backend is plain differentiable ops: forward-mode AD and vmapped backward work
         with sdpa_kernel([SDPBackend.MATH]):
             out = functional_call(
