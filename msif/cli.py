@@ -339,6 +339,7 @@ def bench_fact_tracing(
     pool_size: Optional[int] = typer.Option(None, "--pool", help="Fixed rerank pool size (default 100; quick: 50)."),
     dampings: Optional[str] = typer.Option(None, "--dampings", help="Comma-separated dampings: absolute (default 1e-8,...,1e-2) or relative to each factor set's mean eigenvalue (0.01x,0.1x,1x)."),
     classification: bool = typer.Option(True, "--classification/--no-classification", help="Also trace the classification fine-tune."),
+    refine_basis: int = typer.Option(0, "--refine-basis", help="Basis-refinement passes of every EK-FAC fit (as in msif fit)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder for factors and the index (default: OUT/cache)."),
     threads: int = typer.Option(2, "--threads", help="Torch CPU threads."),
     progress: bool = typer.Option(True, help="Log the stages on stderr."),
@@ -349,7 +350,7 @@ def bench_fact_tracing(
     from .eval.fact_tracing import FactTracingConfig, quick_config, run_fact_tracing, write_outputs
 
     cfg = quick_config() if quick else FactTracingConfig()
-    over = {"threads": threads, "classification": classification}
+    over = {"threads": threads, "classification": classification, "refine": refine_basis}
     for name, v in (("trials", trials), ("n_queries", queries), ("size", size), ("k_candidates", k_candidates),
                     ("pool_size", pool_size)):
         if v is not None:

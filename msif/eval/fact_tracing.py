@@ -95,6 +95,7 @@ class FactTracingConfig:
     batch_size: int = 32  # candidates per forward/backward
     fit_batch_size: int = 16
     max_fit_examples: int | None = None  # per factor fit (None: all)
+    refine: int = 0  # EK-FAC basis-refinement passes of every factor fit (FitConfig.refine)
     threads: int = 2
     max_vector_bytes: float = 2e9  # stacked query vectors held at once (queries are chunked to fit)
     quick: bool = False
@@ -222,7 +223,7 @@ def _fit_or_load(path: Path, model_dir: Path, data: Path, objective: str, seed: 
         except FactorError:
             pass
     fs = fit(str(model_dir), str(data), out=path, objective=objective, seed=seed, batch_size=cfg.fit_batch_size,
-             max_examples=cfg.max_fit_examples, progress=False)
+             max_examples=cfg.max_fit_examples, progress=False, refine=cfg.refine)
     return fs, True
 
 
@@ -398,7 +399,8 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
                 specs.append(("cls", world.classifier_dir, world.cls_finetune_path, "classification"))
             for name, mdir, data, obj in specs:
                 t0 = time.perf_counter()
-                fs, fresh = _fit_or_load(cache / "factors" / f"{name}-seed{t}", mdir, data, obj, t, cfg, progress)
+                tag = f"{name}-seed{t}" + (f"-refine{cfg.refine}" if cfg.refine else "")
+                fs, fresh = _fit_or_load(cache / "factors" / tag, mdir, data, obj, t, cfg, progress)
                 fits[(name, t)] = fs
                 mean_eig[name][t] = fs.mean_eigenvalue()
                 _log(f"factors {name} seed {t}: {'fitted' if fresh else 'loaded'} in {time.perf_counter() - t0:.1f}s, "
