@@ -26,7 +26,7 @@ def test_lds_sign_convention_on_a_linear_datamodel():
 def test_lds_tiny_run():
     r = lds.run(lds.TINY)
     c = r["config"]
-    assert set(r["methods"]) == {"exact", "ekfac", "kfac", "gdp", "trak"}
+    assert set(r["methods"]) == {"exact", "ekfac", "ekfac_refined", "kfac", "gdp", "trak"}
     for name, m in r["methods"].items():
         assert -1.0 <= m["mean"] <= 1.0 and len(m["per_query"]) == c["n_queries"], name
         assert all(math.isfinite(x) for x in m["per_query"])

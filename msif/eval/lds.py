@@ -95,8 +95,8 @@ def run(config: LDSConfig | None = None, progress=None, **overrides) -> dict:
     G = sc.dense_ggn(model, tms, train)
     lam = cfg.damping * float(torch.diagonal(G).mean())
     scores = {"exact": exact.damped_solve(G, QG.T.contiguous(), lam).T @ CG_.T}
-    for name, strat in (("ekfac", "ekfac"), ("kfac", "kfac"), ("gdp", "identity")):
-        fs = sc.fit(model, tms, train, strat, "all", cfg.replicates, cfg.seed)
+    for name, strat, refine in (("ekfac", "ekfac", 0), ("ekfac_refined", "ekfac", 1), ("kfac", "kfac", 0), ("gdp", "identity", 0)):
+        fs = sc.fit(model, tms, train, strat, "all", cfg.replicates, cfg.seed, refine=refine)
         U = fs.precondition(Qmod, lam)
         scores[name] = sum(torch.einsum("qoi,coi->qc", U[n], Cmod[n]) for n in fs.modules)
     proj = Projector(exact.param_layout(tms).D, cfg.trak_dim, "rademacher", seed=cfg.seed)
@@ -134,7 +134,7 @@ def run(config: LDSConfig | None = None, progress=None, **overrides) -> dict:
     )
 
 
-_LABEL = {"exact": "exact damped GGN (dense)", "ekfac": "EK-FAC", "kfac": "K-FAC", "gdp": "GDP", "trak": "TRAK"}
+_LABEL = {"exact": "exact damped GGN (dense)", "ekfac": "EK-FAC", "ekfac_refined": "EK-FAC, refined basis", "kfac": "K-FAC", "gdp": "GDP", "trak": "TRAK"}
 
 
 def markdown_table(res: dict) -> str:
