@@ -380,7 +380,13 @@ def _empirical_blocks(model, fs, examples):
     return {tm.name: torch.stack([d[tm.name][0] for d in dws]) for tm in tms}
 
 
-def test_one_refinement_pass_is_one_dense_als_step():
+@pytest.mark.parametrize("form", ["grads", "tokens"])
+def test_one_refinement_pass_is_one_dense_als_step(form, monkeypatch):
+    """Both forms of the products (through DW, or through token products, chosen by flop count) give one
+    dense ALS step, with padded batches."""
+    import msif.curvature.fit as fit_mod
+
+    monkeypatch.setattr(fit_mod, "_REFINE_FORM", form)
     model = tiny_neox(seed=4)
     exs = random_lm_examples(10, seed=3)
     base = fit_factors(model, batches(exs, 5), FitConfig(labels="empirical"), fingerprint="t")

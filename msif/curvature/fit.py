@@ -257,6 +257,38 @@ def _sequence_grads(am: torch.Tensor, sm: torch.Tensor, out_features: int, in_di
         yield torch.einsum("bto,bti->boi", sm[i : i + step], am[i : i + step])
 
 
+# which form of the refinement products a module uses: None = the cheaper one by flop count
+_REFINE_FORM: str | None = None
+
+
+def _token_space_cheaper(tm, T: int) -> bool:
+    """Flop estimate of the two equal forms of ``E[DW A DWᵀ]`` and ``Σ_b E[DW_bᵀ S_b DW_b]`` per sequence:
+    through the ``(out, in_dim)`` gradient ``DW`` or through ``T × T`` token products."""
+    if _REFINE_FORM is not None:
+        return _REFINE_FORM == "tokens"
+    n, o = tm.in_dim, tm.out_features
+    so2 = sum(b.out_dim ** 2 for b in tm.blocks)
+    grad_form = T * o * n + 2 * (o * n * n + so2 * n)
+    token_form = 2 * (T * n * n + T * T * n + T * T * o) + 2 * T * so2
+    return token_form < grad_form
+
+
+def _refine_token_space(am, sm, tm, A, Sb, A_new, S_new):
+    """The refinement sums without forming ``DW``: with ``DW = sᵀ a`` (``s (T, out)``, ``a (T, in_dim)``),
+    ``DW_b A DW_bᵀ = s_bᵀ (a A aᵀ) s_b`` and ``DW_bᵀ S_b DW_b = aᵀ (s_b S_b s_bᵀ) a``. Padding needs no
+    mask: ``s`` is zero there."""
+    K = (am @ A) @ am.transpose(1, 2)  # (B, T, T)
+    M = None
+    for blk in tm.blocks:
+        s_b = sm[..., blk.rows]  # (B, T, o_b)
+        o = s_b.shape[-1]
+        S_new[blk.name] += (s_b.reshape(-1, o).T @ (K @ s_b).reshape(-1, o)).double()
+        Mb = (s_b @ Sb[blk.name]) @ s_b.transpose(1, 2)
+        M = Mb if M is None else M + Mb
+    n = am.shape[-1]
+    A_new[tm.name] += (am.reshape(-1, n).T @ (M @ am).reshape(-1, n)).double()
+
+
 def _refine_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, progress: bool, j: int):
     """One alternating-least-squares step towards the nearest Kronecker product of every GGN block.
 
@@ -284,11 +316,14 @@ def _refine_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, progress: bool
                 if tm.name not in cast:
                     cast[tm.name] = (A_cur[tm.name].to(am.dtype), {b.name: S_cur[b.name].to(am.dtype) for b in tm.blocks})
                 A, Sb = cast[tm.name]
-                for g in _sequence_grads(am, sm, tm.out_features, tm.in_dim):
-                    for blk in tm.blocks:
-                        gb = g[:, blk.rows, :]
-                        S_new[blk.name] += torch.einsum("boi,bpi->op", gb @ A, gb).double()
-                        A_new[tm.name] += torch.einsum("boi,boj->ij", Sb[blk.name] @ gb, gb).double()
+                if _token_space_cheaper(tm, am.shape[1]):
+                    _refine_token_space(am, sm, tm, A, Sb, A_new, S_new)
+                else:
+                    for g in _sequence_grads(am, sm, tm.out_features, tm.in_dim):
+                        for blk in tm.blocks:
+                            gb = g[:, blk.rows, :]
+                            S_new[blk.name] += torch.einsum("boi,bpi->op", gb @ A, gb).double()
+                            A_new[tm.name] += torch.einsum("boi,boj->ij", Sb[blk.name] @ gb, gb).double()
         bar.update(batch.size)
     bar.close()
     for m, A in A_new.items():
