@@ -415,25 +415,34 @@ def ggn_matvec(model, tms, examples: list[Encoded], batch_size: int = 256):
     from torch.func import jvp, vjp, vmap
 
     hs = _HiddenStates(model, tms)
-    hs.model.eval()
     D = hs.theta0.numel()
     parts = []
-    for i in range(0, len(examples), batch_size):
-        b = collate(examples[i : i + batch_size])
-        f = lambda th, b=b: hs(th, b.input_ids, b.attention_mask)  # noqa: E731
-        h0, pull = vjp(f, hs.theta0)
-        with torch.no_grad():
-            M = hs.softmax_hessian(h0.detach()) * b.target_mask[..., None, None].to(torch.float64)
-        parts.append((f, pull, M))
+    was = hs.model.training
+    hs.model.eval()  # the model's mode is restored after building and after every product
+    try:
+        for i in range(0, len(examples), batch_size):
+            b = collate(examples[i : i + batch_size])
+            f = lambda th, b=b: hs(th, b.input_ids, b.attention_mask)  # noqa: E731
+            h0, pull = vjp(f, hs.theta0)
+            with torch.no_grad():
+                M = hs.softmax_hessian(h0.detach()) * b.target_mask[..., None, None].to(torch.float64)
+            parts.append((f, pull, M))
+    finally:
+        hs.model.train(was)
     N = len(examples)
 
     def matvec(V: torch.Tensor) -> torch.Tensor:
         X = V.to(torch.float64).reshape(D, -1)
         out = torch.zeros(X.shape[1], D, dtype=torch.float64)
-        for f, pull, M in parts:
-            JV = vmap(lambda v: jvp(f, (hs.theta0,), (v,))[1], in_dims=1)(X)  # (k, B, T, h)
-            U = torch.einsum("btij,kbtj->kbti", M, JV)
-            out += vmap(lambda u: pull(u)[0])(U).detach()
+        was = hs.model.training
+        hs.model.eval()
+        try:
+            for f, pull, M in parts:
+                JV = vmap(lambda v: jvp(f, (hs.theta0,), (v,))[1], in_dims=1)(X)  # (k, B, T, h)
+                U = torch.einsum("btij,kbtj->kbti", M, JV)
+                out += vmap(lambda u: pull(u)[0])(U).detach()
+        finally:
+            hs.model.train(was)
         return (out.T / N).reshape(V.shape)
 
     matvec.dim = D  # type: ignore[attr-defined]
