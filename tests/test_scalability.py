@@ -115,6 +115,7 @@ def test_quick_study(quick, tmp_path):
     r = quick
     assert r["training"]["train_loss"][-1] < 0.6 * r["training"]["train_loss"][0]
     assert r["ggn"]["matvec_check_rel_error"] < 1e-10  # matrix-free GVP = dense G
+    assert r["ggn"]["batched_matvec_check_rel_error"] < 1e-10
     for key, d in r["dampings"].items():
         gt = d["ground_truth"]
         assert gt["converged"] and gt["sign_ok"] and gt["rel_error_vs_dense"] < 1e-5, key
@@ -144,7 +145,7 @@ def test_quick_study(quick, tmp_path):
     assert "0.612" in table and "EK-FAC" in table and "ceiling" in table
     assert "refined basis" in table and "earlier checkpoints" in table
     assert json.loads(open(paths["json"]).read())["model"]["D"] == r["model"]["D"]
-    for k in ("figure", "training_curve"):
+    for k in ("figure", "training_curve", "checkpoints"):
         assert open(paths[k], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,10 +1,32 @@
-"""Writing an experiment's results: JSON, a markdown table and a plot, side by side."""
+"""Writing an experiment's results: JSON, a markdown table and a plot, side by side.
+
+Every file is written under a temporary name in its folder and renamed into place, so a killed run
+leaves either the previous file or the new one, never half of one.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
+
+
+def atomic_write(path: str | Path, writer: Callable[[Path], object]) -> Path:
+    """``writer(tmp)`` writes the file at ``tmp`` (same folder, same suffix); then ``tmp`` replaces ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
 
 
 def write_outputs(res: dict, out_dir: str | Path, stem: str, markdown: Callable[[dict], str],
@@ -13,7 +35,7 @@ def write_outputs(res: dict, out_dir: str | Path, stem: str, markdown: Callable[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md", "plot": out / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(res, indent=1))
-    paths["markdown"].write_text(markdown(res))
-    plot(res, paths["plot"])
+    atomic_write_text(paths["json"], json.dumps(res, indent=1))
+    atomic_write_text(paths["markdown"], markdown(res))
+    atomic_write(paths["plot"], lambda p: plot(res, p))
     return paths

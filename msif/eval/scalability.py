@@ -40,7 +40,8 @@ Setting
   featurising). ``pairwise_s``: scoring all candidates for one query (query iHVP + candidate
   gradients + contraction), averaged over queries. LiSSA / CG / Arnoldi run here on the dense ``G``
   (fast), so their times are also given as ``matrix_free_s`` = (GGN-vector products used) × (measured
-  time of one matrix-free GGN-vector product over the curvature set,
+  per-query time of the batched matrix-free GGN-vector product over the curvature set for all queries
+  at once, :func:`ggn_matvec`; Arnoldi's sequential products: one single-vector product,
   :func:`msif.curvature.exact.ggn_vector_product`) — what they cost when ``G`` cannot be formed;
   the plot uses that time.
 
@@ -723,10 +724,19 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
     t = time.perf_counter()
     Gv = mv(v)
     t_mv = time.perf_counter() - t
+    # the batched products the iterative methods would use for all queries at once: their per-query cost
+    fast = ggn_matvec(model, tms, curv)
+    Vr = torch.randn(D, cfg.n_queries, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    fast(Vr[:, :1])  # warm-up
+    t = time.perf_counter()
+    GVr = fast(Vr)
+    t_mvq = (time.perf_counter() - t) / cfg.n_queries
     res["ggn"] = dict(time_s=t_G, mean_eigenvalue=mean_eig, lambda_max=lam_max,
                       matvec_check_rel_error=float((Gv - G @ v).norm() / (G @ v).norm()),
-                      matrix_free_matvec_s=t_mv, power_iteration_s=t_pow)
-    log(f"GGN: D={D}, {t_G:.1f}s, mean eig {mean_eig:.3g}, λ_max {lam_max:.3g}, one matrix-free GVP {t_mv:.2f}s")
+                      batched_matvec_check_rel_error=float((GVr - G @ Vr).norm() / (G @ Vr).norm()),
+                      matrix_free_matvec_s=t_mv, batched_matvec_per_query_s=t_mvq, power_iteration_s=t_pow)
+    log(f"GGN: D={D}, {t_G:.1f}s, mean eig {mean_eig:.3g}, λ_max {lam_max:.3g}, one matrix-free GVP {t_mv:.2f}s, "
+        f"batched over {cfg.n_queries} queries {t_mvq:.3f}s per query")
     blk_ranges = list(layout.blocks.values())
     mod_ranges = list(layout.modules.values())
     mlp_ranges = [r for n, r in layout.modules.items() if roles[n] == "mlp"]
@@ -801,7 +811,7 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
             true_residual_max=float(cg.true_residual.max()),
             rel_error_vs_dense=float((cg.x - X_dense).norm() / X_dense.norm()),
             score_cosine_vs_dense=cos, sign_ok=cos > 0.99, dense_solve_s=t_dense, time_s=t_cg,
-            matrix_free_s=cg.iterations * cfg.n_queries * t_mv,
+            matrix_free_s=cg.iterations * cfg.n_queries * t_mvq,
         )
         M = out["methods"]
 
@@ -809,7 +819,7 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
             M[name] = dict(family=family, overhead_s=overhead, pairwise_s=pairwise, **correlations(S, S_gt), **extra)
 
         add("cg", S_gt, 0.0, (t_cg + t_c) / cfg.n_queries, "ground truth",
-            matrix_free_s=(cg.iterations * cfg.n_queries * t_mv + t_c) / cfg.n_queries, matvecs=cg.iterations)
+            matrix_free_s=(cg.iterations * cfg.n_queries * t_mvq + t_c) / cfg.n_queries, matvecs=cg.iterations)
         add("exact_dense", S_dense, t_G, (t_dense + t_c) / cfg.n_queries, "exact")
         for nm, rngs in (("exact_block", blk_ranges), ("exact_module", mod_ranges)):
             t = time.perf_counter()
@@ -858,13 +868,13 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
             lr_ = lissa(lambda X: G @ X, Vq, lam, scale=1.1 * (lam_max + lam), depth=d)
             el = time.perf_counter() - t
             add(f"lissa_{d}", lr_.x.T @ CG_.T, 0.0, (el + t_c) / cfg.n_queries, "iterative",
-                matvecs=d, matrix_free_s=(d * cfg.n_queries * t_mv + t_c) / cfg.n_queries)
+                matvecs=d, matrix_free_s=(d * cfg.n_queries * t_mvq + t_c) / cfg.n_queries)
         for b in cfg.cg_budgets:
             t = time.perf_counter()
             r = conjugate_gradient(lambda X: G @ X, Vq, lam, tol=1e-30, max_iter=b, on_fail="ignore")
             el = time.perf_counter() - t
             add(f"cg_{b}", r.x.T @ CG_.T, 0.0, (el + t_c) / cfg.n_queries, "iterative",
-                matvecs=b, matrix_free_s=(b * cfg.n_queries * t_mv + t_c) / cfg.n_queries)
+                matvecs=b, matrix_free_s=(b * cfg.n_queries * t_mvq + t_c) / cfg.n_queries)
         for k in cfg.arnoldi_k:
             t = time.perf_counter()
             ar = arnoldi(lambda X: G @ X, D, n_iter=min(2 * k, D), top_k=k, generator=torch.Generator().manual_seed(0))
@@ -1090,10 +1100,41 @@ def plot_training(res: dict, out_png: str) -> str:
     return out_png
 
 
+def plot_checkpoints(res: dict, out_png: str) -> str:
+    """Spearman of the ceiling, the best Kronecker basis, refined EK-FAC, EK-FAC and GDP at each checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sw = res.get("sweep") or []
+    keys = sorted({k for r in sw for k in r["spearman"]}, key=lambda k: float(k[:-1]))
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(5.5 * max(1, len(keys)), 4), squeeze=False)
+    names = {"exact_block": "exact block-diagonal (ceiling)", "kron_best": "best Kronecker basis, exact Λ",
+             "ekfac_refined": "EK-FAC, refined basis", "ekfac": "EK-FAC", "gdp": "GDP"}
+    for ax, k in zip(axes[0], keys):
+        rows = [r for r in sw if k in r["spearman"]]
+        for n, label in names.items():
+            ax.plot([r["epoch"] for r in rows], [r["spearman"][k][n] for r in rows], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("epoch (checkpoint of the same run)")
+        ax.set_ylabel("Spearman ρ vs CG ground truth")
+        ax.set_title(f"damping {k} mean eigenvalue")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
 def write_outputs(res: dict, out_dir) -> dict[str, str]:
-    """Write ``results.json``, ``table.md``, ``spearman_vs_time.png`` and ``training_curve.png`` into ``out_dir``."""
+    """Write ``results.json``, ``table.md``, ``spearman_vs_time.png``, ``training_curve.png`` and (with a
+    checkpoint sweep) ``checkpoints.png`` into ``out_dir``, each file atomically."""
     import json
     from pathlib import Path
+
+    from .outputs import atomic_write, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1101,13 +1142,16 @@ def write_outputs(res: dict, out_dir) -> dict[str, str]:
         "json": out / "results.json", "table": out / "table.md",
         "figure": out / "spearman_vs_time.png", "training_curve": out / "training_curve.png",
     }
-    paths["json"].write_text(json.dumps(res, indent=1, default=float))
-    paths["table"].write_text(markdown_table(res) + "\n")
-    plot(res, str(paths["figure"]))
-    plot_training(res, str(paths["training_curve"]))
+    atomic_write_text(paths["json"], json.dumps(res, indent=1, default=float))
+    atomic_write_text(paths["table"], markdown_table(res) + "\n")
+    atomic_write(paths["figure"], lambda p: plot(res, str(p)))
+    atomic_write(paths["training_curve"], lambda p: plot_training(res, str(p)))
+    if res.get("sweep"):
+        paths["checkpoints"] = out / "checkpoints.png"
+        atomic_write(paths["checkpoints"], lambda p: plot_checkpoints(res, str(p)))
     if "lds" in res:
         from .lds import markdown_table as lds_table
 
         paths["lds_table"] = out / "lds.md"
-        paths["lds_table"].write_text(lds_table(res["lds"]) + "\n")
+        atomic_write_text(paths["lds_table"], lds_table(res["lds"]) + "\n")
     return {k: str(v) for k, v in paths.items()}
