@@ -1045,7 +1045,7 @@ def plot(res: dict, out_png: str, damping: str | None = None) -> str:
     key = damping or list(res["dampings"])[len(res["dampings"]) // 2]
     d = res["dampings"][key]
     Q = len(res["data"]["queries"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     groups: dict[str, list] = collections.defaultdict(list)
     for name, r in d["methods"].items():
         if name in ("cg", "exact_block_mlp"):
@@ -1071,7 +1071,7 @@ def plot(res: dict, out_png: str, damping: str | None = None) -> str:
     ax.set_ylabel("Spearman ρ vs CG ground truth")
     ax.set_title(f"Influence quality vs time (damping {key} mean eigenvalue)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
@@ -1117,6 +1117,9 @@ def plot_checkpoints(res: dict, out_png: str) -> str:
         for n, label in names.items():
             ax.plot([r["epoch"] for r in rows], [r["spearman"][k][n] for r in rows], marker="o", label=label)
         ax.set_xscale("log")
+        ep = [r["epoch"] for r in rows]
+        ax.set_xticks(ep, [str(e) for e in ep])
+        ax.minorticks_off()
         ax.set_xlabel("epoch (checkpoint of the same run)")
         ax.set_ylabel("Spearman ρ vs CG ground truth")
         ax.set_title(f"damping {k} mean eigenvalue")
