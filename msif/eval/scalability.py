@@ -479,9 +479,15 @@ def from_modules(mats: dict[str, torch.Tensor], tms) -> torch.Tensor:
 
 def block_solve(G: torch.Tensor, ranges: list[tuple[int, int]], V: torch.Tensor, lam: float) -> torch.Tensor:
     """``(G_bd + λI)⁻¹ V`` for ``G`` restricted to the diagonal blocks ``ranges``; ``V (D, k)``."""
+    return solve_blocks([G[s:e, s:e] for s, e in ranges], ranges, V, lam)
+
+
+def solve_blocks(blocks: list[torch.Tensor], ranges: list[tuple[int, int]], V: torch.Tensor, lam: float) -> torch.Tensor:
+    """``(G_bd + λI)⁻¹ V`` for the block-diagonal matrix of ``blocks`` at ``ranges``; ``V (D, k)``; rows
+    outside every range stay zero."""
     out = torch.zeros_like(V)
-    for s, e in ranges:
-        out[s:e] = exact.damped_solve(G[s:e, s:e], V[s:e], lam)
+    for Gb, (s, e) in zip(blocks, ranges):
+        out[s:e] = exact.damped_solve(Gb, V[s:e], lam)
     return out
 
 
@@ -525,6 +531,12 @@ def nearest_kronecker_basis(Gb: torch.Tensor, o: int, n: int) -> tuple[torch.Ten
     QS = torch.linalg.eigh(0.5 * (S + S.T)).eigenvectors
     QA = torch.linalg.eigh(0.5 * (A + A.T)).eigenvectors
     return QS, QA, rotated_diagonal(Gb, QS, QA)
+
+
+def nearest_kronecker_bases(blk_G: list[torch.Tensor], fs: FactorSet, layout) -> list:
+    """:func:`nearest_kronecker_basis` of every exact block in ``layout`` order (shapes from ``fs``'s blocks)."""
+    return [nearest_kronecker_basis(Gb, fs.blocks[b].out_dim, fs.modules[fs.blocks[b].module].in_dim)
+            for Gb, b in zip(blk_G, layout.blocks)]
 
 
 def rotated_diagonal(Gb: torch.Tensor, QS: torch.Tensor, QA: torch.Tensor) -> torch.Tensor:
@@ -623,9 +635,7 @@ def analyse_checkpoint(model, queries: list[Encoded], cands: list[Encoded], curv
     mean_eig = sum(float(torch.diagonal(Gb).sum()) for Gb in blk_G) / layout.D
     fits = {"ekfac": fit(model, tms, curv, "ekfac", "all", cfg.replicates, cfg.seed),
             "ekfac_refined": fit(model, tms, curv, "ekfac", "all", cfg.replicates, cfg.seed, refine=cfg.refine)}
-    fs0 = fits["ekfac"]
-    kron_best = [nearest_kronecker_basis(Gb, fs0.blocks[b].out_dim, fs0.modules[fs0.blocks[b].module].in_dim)
-                 for Gb, b in zip(blk_G, layout.blocks)]
+    kron_best = nearest_kronecker_bases(blk_G, fits["ekfac"], layout)
     mv = ggn_matvec(model, tms, curv)
     Vq = QG.T.contiguous()
     row: dict = {"mean_eigenvalue": mean_eig, "spearman": {}, "cg": {},
@@ -634,10 +644,7 @@ def analyse_checkpoint(model, queries: list[Encoded], cands: list[Encoded], curv
         lam = c * mean_eig
         cg = conjugate_gradient(mv, Vq, lam, tol=cfg.sweep_cg_tol, max_iter=5000, on_fail="warn")
         S_gt = cg.x.T @ CG_.T
-        X = torch.zeros_like(Vq)
-        for Gb, (s, e) in zip(blk_G, ranges):
-            X[s:e] = exact.damped_solve(Gb, Vq[s:e], lam)
-        sc = {"exact_block": X, "kron_best": kronecker_precondition(kron_best, ranges, Vq, lam), "gdp": Vq}
+        sc = {"exact_block": solve_blocks(blk_G, ranges, Vq, lam), "kron_best": kronecker_precondition(kron_best, ranges, Vq, lam), "gdp": Vq}
         for name, fs in fits.items():
             U = fs.precondition({n: Qmod[n] for n in fs.modules}, lam)
             sc[name] = from_modules(U, tms).T
@@ -758,8 +765,7 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
     # the best single-Kronecker eigenbasis of each exact block, and how far each basis is from diagonalising it
     t = time.perf_counter()
     blk_G = [G[s:e, s:e] for s, e in blk_ranges]
-    kron_best = [nearest_kronecker_basis(Gb, fits["ekfac"][0].blocks[b].out_dim, fits["ekfac"][0].modules[fits["ekfac"][0].blocks[b].module].in_dim)
-                 for Gb, b in zip(blk_G, layout.blocks)]
+    kron_best = nearest_kronecker_bases(blk_G, fits["ekfac"][0], layout)
     t_kron = time.perf_counter() - t
     res["kronecker"] = kronecker_summary(blk_G, kron_best, {n: fits[n][0] for n in ("ekfac", "ekfac_refined")}, layout)
 
@@ -826,9 +832,7 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
             X = block_solve(G, rngs, Vq, lam)
             add(nm, X.T @ CG_.T, t_G, (time.perf_counter() - t + t_c) / cfg.n_queries, "exact block-diagonal (ceiling)")
         # MLP-only exact block diagonal (the ceiling of EK-FAC(MLP))
-        X = torch.zeros_like(Vq)
-        for s, e in [r for r in blk_ranges if any(s0 <= r[0] < e0 for s0, e0 in mlp_ranges)]:
-            X[s:e] = exact.damped_solve(G[s:e, s:e], Vq[s:e], lam)
+        X = block_solve(G, [r for r in blk_ranges if any(s0 <= r[0] < e0 for s0, e0 in mlp_ranges)], Vq, lam)
         add("exact_block_mlp", X.T @ CG_.T, t_G, float("nan"), "exact block-diagonal (ceiling)")
         # fitted factors
         for name, (fs, t_fit) in fits.items():
