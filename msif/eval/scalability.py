@@ -1039,12 +1039,28 @@ def _kronecker_lines(res: dict) -> list[str]:
     return lines
 
 
-def plot(res: dict, out_png: str, damping: str | None = None) -> str:
-    """Spearman against time per method (Figure 1 style), log time axis; writes ``out_png``."""
+def _pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_png: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
+
+
+def plot(res: dict, out_png: str, damping: str | None = None) -> str:
+    """Spearman against time per method (Figure 1 style), log time axis; writes ``out_png``."""
+    plt = _pyplot()
 
     key = damping or list(res["dampings"])[len(res["dampings"]) // 2]
     d = res["dampings"][key]
@@ -1076,17 +1092,11 @@ def plot(res: dict, out_png: str, damping: str | None = None) -> str:
     ax.set_title(f"Influence quality vs time (damping {key} mean eigenvalue)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def plot_training(res: dict, out_png: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     c = res["training"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -1098,18 +1108,12 @@ def plot_training(res: dict, out_png: str) -> str:
     ax.set_title("Training curve of the scalability model")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def plot_checkpoints(res: dict, out_png: str) -> str:
     """Spearman of the ceiling, the best Kronecker basis, refined EK-FAC, EK-FAC and GDP at each checkpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     sw = res.get("sweep") or []
     keys = sorted({k for r in sw for k in r["spearman"]}, key=lambda k: float(k[:-1]))
@@ -1129,10 +1133,7 @@ def plot_checkpoints(res: dict, out_png: str) -> str:
         ax.set_title(f"damping {k} mean eigenvalue")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return _save(fig, out_png)
 
 
 def write_outputs(res: dict, out_dir) -> dict[str, str]:
