@@ -2,7 +2,7 @@
 
 import pytest
 
-from msif.eval.outputs import atomic_write, atomic_write_text
+from msif.atomic import atomic_write, atomic_write_text
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):

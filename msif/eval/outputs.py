@@ -7,26 +7,10 @@ leaves either the previous file or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
-
-def atomic_write(path: str | Path, writer: Callable[[Path], object]) -> Path:
-    """``writer(tmp)`` writes the file at ``tmp`` (same folder, same suffix); then ``tmp`` replaces ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text))
+from ..atomic import atomic_write, atomic_write_text
 
 
 def write_outputs(res: dict, out_dir: str | Path, stem: str, markdown: Callable[[dict], str],

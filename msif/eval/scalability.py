@@ -1142,7 +1142,7 @@ def write_outputs(res: dict, out_dir) -> dict[str, str]:
     import json
     from pathlib import Path
 
-    from .outputs import atomic_write, atomic_write_text
+    from ..atomic import atomic_write, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from pathlib import Path
+
+from ..atomic import atomic_write_text
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2330;line-height:1.45}
@@ -92,8 +93,4 @@ def write_report(path: str | os.PathLike, results: list[dict], **kw) -> Path:
     """Write :func:`render_report` atomically to ``path``."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(render_report(results, **kw))
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(p, render_report(results, **kw))

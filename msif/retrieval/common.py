@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from msif.atomic import atomic_write_text
 from msif.data.encoding import InputError
 
 
@@ -104,10 +105,8 @@ def read_meta(folder: Path, kind: str, what: str) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    """Write JSON to ``path`` atomically (:func:`msif.atomic.atomic_write_text`)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool, what: str) -> None:
