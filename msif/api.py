@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from .curvature.factors import FactorSet
@@ -15,7 +16,7 @@ from .curvature.fit import FitConfig, fit_factors
 from .data.examples import ExampleBatches, Fields
 
 
-def _model_and_tokenizer(model, tokenizer, objective: str):
+def _model_and_tokenizer(model, tokenizer, objective: str, dtype=None, device="cpu"):
     from .models.loading import load_model, load_tokenizer
 
     name = None
@@ -23,7 +24,8 @@ def _model_and_tokenizer(model, tokenizer, objective: str):
         name = str(model)
         if tokenizer is None:
             tokenizer = name
-        model = load_model(name, task="classification" if objective == "classification" else "causal_lm")
+        model = load_model(name, task="classification" if objective == "classification" else "causal_lm", dtype=dtype,
+                           device=device)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(str(tokenizer))
     return model, tokenizer, name
@@ -50,14 +52,39 @@ def fit(
     model_name: str | None = None,
     samples: int = 1,
     refine: int = 0,
+    config: FitConfig | None = None,
+    checkpoint_every: int = 100,
+    resume: bool = True,
+    dtype=None,
+    device: str = "cpu",
 ) -> FactorSet:
     """Fit curvature factors of ``model`` on ``data`` and (if ``out``) save them atomically.
 
-    ``model``: a loaded HF model, or a local checkpoint folder / hub id. ``data``: a JSONL / Parquet /
-    ``datasets`` path (fields per ``objective``: ``text``; ``prompt``+``answer``; ``text``+``label``), or
-    a re-iterable of :class:`msif.data.encoding.Batch`.
+    ``model``: a loaded HF model, or a local checkpoint folder / hub id (loaded on ``device``).
+    ``dtype``: run the model in this precision (``"bfloat16"``...; the fingerprint stays that of the
+    weights as given, so the factors match the checkpoint). ``data``: a JSONL / Parquet / ``datasets`` path (fields per ``objective``: ``text``;
+    ``prompt``+``answer``; ``text``+``label``), or a re-iterable of :class:`msif.data.encoding.Batch`.
+    ``config``: a whole :class:`FitConfig` (then the keyword settings it holds are ignored).
+
+    With ``out``, the running sums are checkpointed atomically to ``OUT.checkpoint`` every
+    ``checkpoint_every`` batches; a fit killed half-way and run again with the same arguments resumes
+    there (``resume=False`` discards the checkpoint) and gives the same factors. The checkpoint is
+    deleted once the factors are written.
     """
-    model, tokenizer, name = _model_and_tokenizer(model, tokenizer, objective)
+    cfg = config or FitConfig(objective=objective, strategy=strategy, modules=modules, per_head=per_head, labels=labels,
+                              seed=seed, max_examples=max_examples, batch_size=batch_size, generic=generic,
+                              samples=samples, refine=refine)
+    cfg.validate()
+    model, tokenizer, name = _model_and_tokenizer(model, tokenizer, cfg.objective, None, device)
+    fingerprint = None
+    if dtype is not None:  # the factors belong to the checkpoint's weights, not to their rounded copy
+        from .models.adapters import tracked_modules
+        from .models.loading import model_fingerprint, parse_dtype
+
+        fingerprint = model_fingerprint(model, tracked_modules(model, per_head=cfg.per_head, modules=cfg.modules,
+                                                               generic=cfg.generic))
+        model = model.to(parse_dtype(dtype))
+    total = None
     if isinstance(data, (str, os.PathLike)):
         if tokenizer is None:
             raise ValueError("a tokenizer is needed to read a data file: pass tokenizer=...")
@@ -66,13 +93,21 @@ def fit(
         from .models.loading import check_tokenizer
 
         check_tokenizer(model, tokenizer)
-        data = ExampleBatches(data, tokenizer, objective, batch_size=batch_size, fields=fields,
-                              max_examples=max_examples, max_length=max_length, truncate=truncate)
-    cfg = FitConfig(objective=objective, strategy=strategy, modules=modules, per_head=per_head, labels=labels,
-                    seed=seed, max_examples=max_examples, batch_size=batch_size, generic=generic, samples=samples, refine=refine)
-    fs = fit_factors(model, data, cfg, progress=progress, model_name=model_name or name)
+        data = ExampleBatches(data, tokenizer, cfg.objective, batch_size=cfg.batch_size, fields=fields,
+                              max_examples=cfg.max_examples, max_length=max_length, truncate=truncate)
+        total = data.num_examples() if progress else None
+    ck = None
+    if out is not None:
+        from .curvature import checkpoint
+
+        ck = checkpoint.default_path(out)
+        if not resume and ck.exists():
+            shutil.rmtree(ck)
+    fs = fit_factors(model, data, cfg, progress=progress, model_name=model_name or name, fingerprint=fingerprint,
+                     checkpoint=ck, checkpoint_every=checkpoint_every, total=total)
     if out is not None:
         fs.save(out)
+        shutil.rmtree(ck, ignore_errors=True)
     return fs
 
 

@@ -25,3 +25,30 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], object]) -> P
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def atomic_dir(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
+    """``writer(tmp)`` fills a fresh folder beside ``path``; then it replaces ``path`` as a whole.
+
+    A killed run leaves the previous folder or the new one, never a mix (at worst a hidden
+    ``.NAME.tmp-*`` / ``.NAME.old-*`` folder beside it).
+    """
+    import shutil
+    import tempfile
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        writer(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -55,6 +55,19 @@ class Labels(str, Enum):
     empirical = "empirical"
 
 
+class ModelDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float64 = "float64"
+
+
+class SumDtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    float64 = "float64"
+
+
 def _fail(msg: str, code: int = 2):
     console.print(f"[bold red]error:[/] {msg}")
     raise typer.Exit(code)
@@ -102,7 +115,12 @@ def fit(
     max_length: Optional[int] = typer.Option(None, help="Longest sequence in tokens (default: the model's context)."),
     truncate: bool = typer.Option(False, help="Truncate over-long texts instead of failing."),
     generic: bool = typer.Option(False, help="Unregistered architecture: track every backbone linear layer."),
-    device: str = typer.Option("cpu", help="Device, e.g. cuda."),
+    device: str = typer.Option("cpu", help="Device, e.g. cuda or cuda:1."),
+    dtype: Optional[ModelDtype] = typer.Option(None, "--dtype", help="Precision the model runs in: float32, bfloat16 or float16 (default: the checkpoint's own); activations are cast to float32 per layer before any product."),
+    stats_dtype: SumDtype = typer.Option(SumDtype.auto, "--stats-dtype", help="Covariance and Λ sums: float32, float64, or auto (float32; float64 for a float64 model)."),
+    factor_dtype: SumDtype = typer.Option(SumDtype.auto, "--factor-dtype", help="Stored eigenvectors: float32, float64 or auto (as --stats-dtype); the eigendecomposition itself is always float64."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Write the running sums to OUT.checkpoint every N batches; a killed fit rerun with the same command resumes there."),
+    restart: bool = typer.Option(False, "--restart", help="Discard OUT.checkpoint of an interrupted fit and start over."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Fit EK-FAC (or K-FAC / diagonal / identity) curvature factors of MODEL on DATA."""
@@ -110,26 +128,29 @@ def fit(
     from .curvature.fit import FitConfig
 
     try:  # settings first: a bad combination fails before the model is loaded
-        FitConfig(objective=objective.value, strategy=strategy.value, labels=labels.value, samples=samples,
-                  refine=refine_basis, batch_size=batch_size, max_examples=max_examples).validate()
+        cfg = FitConfig(objective=objective.value, strategy=strategy.value, modules=modules.value, per_head=per_head,
+                        labels=labels.value, seed=seed, max_examples=max_examples, batch_size=batch_size,
+                        stats_dtype=stats_dtype.value, generic=generic, samples=samples, refine=refine_basis,
+                        factor_dtype=factor_dtype.value).validate()
+        if checkpoint_every < 1:
+            raise ValueError("--checkpoint-every must be ≥ 1")
     except ValueError as e:
         _fail(str(e))
     from .data.examples import Fields
     from .models.loading import load_model, load_tokenizer
 
     task = "classification" if objective == Objective.classification else "causal_lm"
-    m = load_model(model, task=task, device=device)
+    m = load_model(model, task=task, device=device)  # the checkpoint's dtype: the fingerprint is of those weights
     tok = load_tokenizer(tokenizer or model)
     fs = api.fit(
-        m, str(data), out=out, tokenizer=tok, objective=objective.value, strategy=strategy.value,
-        modules=modules.value, per_head=per_head, labels=labels.value, max_examples=max_examples,
-        batch_size=batch_size, seed=seed, fields=Fields(text_field, prompt_field, answer_field, label_field),
-        max_length=max_length, truncate=truncate, generic=generic, progress=progress, model_name=model, samples=samples,
-        refine=refine_basis,
+        m, str(data), out=out, tokenizer=tok, config=cfg, fields=Fields(text_field, prompt_field, answer_field, label_field),
+        max_length=max_length, truncate=truncate, progress=progress, model_name=model, checkpoint_every=checkpoint_every,
+        resume=not restart, dtype=dtype.value if dtype else None,
     )
     console.print(
         f"[green]fitted[/] {strategy.value} factors for {len(fs.blocks)} blocks of {len(fs.modules)} layers on "
-        f"{fs.n_examples_cov or fs.n_examples_lambda} examples ({fs.n_tokens} tokens) → {out}"
+        f"{fs.n_examples_cov or fs.n_examples_lambda} examples ({fs.n_tokens} tokens, {fs.dtype}"
+        f"{', resumed' if fs.meta.get('resumed') else ''}) → {out}"
     )
 
 
@@ -436,6 +457,55 @@ def bench_scalability(
             text += "\n\n" + Path(paths["lds_table"]).read_text()
         console.print(text, markup=False, highlight=False)
     console.print(f"[green]scalability[/] done in {res['total_time_s']:.1f}s → " + ", ".join(paths.values()))
+
+
+@app.command()
+@user_errors
+def plan(
+    model: str = typer.Argument(..., help="Local checkpoint folder (only its config.json is read)."),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Pre-training corpus: documents counted, tokens per document estimated from a sample."),
+    documents: Optional[int] = typer.Option(None, "--documents", help="Documents in the corpus (instead of --corpus; default 10000)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Mean tokens per document (default 512, or estimated from --corpus)."),
+    queries: int = typer.Option(1, "--queries", help="Queries attributed in one run."),
+    dtype: str = typer.Option("auto", "--dtype", help="Model dtype: auto (the config's), float32, bfloat16, float16, float64."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples per forward/backward pass (fit and scoring)."),
+    device_memory: Optional[float] = typer.Option(None, "--device-memory", help="GiB of memory to plan for (default: this machine's RAM, or the CUDA device's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Padded batch length (default: 1.05 × --tokens, at most the context)."),
+    fit_examples: Optional[int] = typer.Option(None, "--fit-examples", help="Documents the pre-trained fit reads (default: all)."),
+    finetune_examples: int = typer.Option(1000, "--finetune-examples", help="Examples of the fine-tuned fit."),
+    finetune_tokens: int = typer.Option(64, "--finetune-tokens", help="Tokens per fine-tuning example."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", help="Documents scored per query (default: all)."),
+    strategy: Strategy = typer.Option(Strategy.ekfac, help="Curvature: ekfac, kfac, diagonal or identity."),
+    modules: Modules = typer.Option(Modules.all, help="Which tracked layers: all, mlp or attention."),
+    stats_dtype: Optional[str] = typer.Option(None, "--stats-dtype", help="float32 (default; float64 for a float64 model) or float64 sums."),
+    factor_dtype: Optional[str] = typer.Option(None, "--factor-dtype", help="Dtype of the stored eigendecompositions (default: the stats dtype)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Low-rank query vectors (rank per block)."),
+    refine_basis: int = typer.Option(0, "--refine-basis", help="EK-FAC basis-refinement passes."),
+    per_head: bool = typer.Option(True, "--per-head/--per-projection", help="Q/K/V of each head as separate blocks (default), or one block per projection."),
+    generic: bool = typer.Option(False, help="Unregistered architecture: track every backbone linear layer."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Load the model (random init without weights) and time real batches instead of a nominal throughput."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
+):
+    """Memory, work and time of every stage (fit pt / ft, query vectors, scoring, index) for MODEL, without loading its weights."""
+    from .data.encoding import InputError
+    from .plan import PlanSettings, format_plan, run
+
+    if corpus is not None and documents is not None:
+        raise InputError("give the corpus with --corpus FILE or its size with --documents N, not both")
+    s = PlanSettings(model=model, documents=10_000 if documents is None else documents, tokens=512 if tokens is None else tokens,
+                     queries=queries, dtype=dtype, batch_size=batch_size, device=device,
+                     device_memory=None if device_memory is None else int(device_memory * 2**30), seq_len=seq_len,
+                     fit_examples=fit_examples, finetune_examples=finetune_examples, finetune_tokens=finetune_tokens,
+                     candidates=candidates, strategy=strategy.value, modules=modules.value, stats_dtype=stats_dtype,
+                     factor_dtype=factor_dtype, rank=rank, refine=refine_basis, per_head=per_head, generic=generic)
+    if device_memory is not None and not device_memory > 0:
+        raise InputError(f"--device-memory must be a positive number of GiB, not {device_memory}")
+    p = run(s, corpus=None if corpus is None else str(corpus), do_calibrate=calibrate, estimate_tokens=tokens is None)
+    if as_json:
+        print(json.dumps(p, indent=1))
+        return
+    print(format_plan(p))
 
 
 def main():

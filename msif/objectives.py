@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .data.encoding import Batch
 
@@ -41,9 +42,25 @@ def model_logits(model, batch: Batch) -> torch.Tensor:
 
 
 def _example_generator(seed: int, index: int, stream: int) -> torch.Generator:
-    g = torch.Generator()
+    g = torch.Generator(device="cpu")
     g.manual_seed((seed * 1_000_003 + index * 7_919 + stream * 104_729) % (2**63 - 1))
     return g
+
+
+def _probs(logits: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits)`` in the logits' dtype, at least float32."""
+    x = logits.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    return torch.softmax(x, dim=-1)
+
+
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: ``probs (..., V)``, ``uniforms (...)`` in [0, 1) → indices ``(...)``."""
+    cdf = probs.cumsum(-1)
+    cdf[..., -1] = 1.0  # guard against rounding: every u < 1 maps inside the vocabulary
+    idx = torch.searchsorted(cdf, uniforms.to(cdf.dtype).unsqueeze(-1).contiguous()).squeeze(-1)
+    return idx.clamp_max(probs.shape[-1] - 1)
 
 
 def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -53,13 +70,19 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
     ~15% of a factor fit; the float32 CDF's rounding (~1e-5 typical) is far below the Monte-Carlo
     noise of the sampled Fisher.
     """
-    x = logits.detach()
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
-    cdf = torch.softmax(x, dim=-1).cumsum_(-1)
-    cdf[..., -1] = 1.0  # guard against rounding: every u < 1 maps inside the vocabulary
-    idx = torch.searchsorted(cdf, uniforms.to(cdf.dtype).unsqueeze(-1).contiguous()).squeeze(-1)
-    return idx.clamp_max(logits.shape[-1] - 1)
+    return sample_from_probs(_probs(logits), uniforms)
+
+
+def position_uniforms(batch: Batch, seed: int, stream: int = 0) -> torch.Tensor:
+    """The uniforms ``(B, T)`` (float64, on the CPU) that pick the sampled labels: example ``i`` draws
+    one per position of its unpadded length from its own generator ``(seed, batch.indices[i], stream)``."""
+    B, T = batch.input_ids.shape
+    lengths = batch.attention_mask.sum(1).tolist()
+    u = torch.zeros(B, T, dtype=torch.float64, device="cpu")
+    for i in range(B):
+        g = _example_generator(seed, int(batch.indices[i]), stream)
+        u[i, : lengths[i]] = torch.rand(lengths[i], generator=g, dtype=torch.float64, device="cpu")
+    return u
 
 
 def sampled_targets(logits: torch.Tensor, batch: Batch, seed: int, stream: int = 0) -> torch.Tensor:
@@ -72,15 +95,10 @@ def sampled_targets(logits: torch.Tensor, batch: Batch, seed: int, stream: int =
     """
     B = logits.shape[0]
     if logits.dim() == 2:
-        u = torch.stack([torch.rand((), generator=_example_generator(seed, int(batch.indices[i]), stream)) for i in range(B)])
+        u = torch.stack([torch.rand((), generator=_example_generator(seed, int(batch.indices[i]), stream), device="cpu")
+                         for i in range(B)])
         return sample_from_logits(logits, u.to(logits.device))
-    T = logits.shape[1]
-    lengths = batch.attention_mask.sum(1).tolist()
-    u = torch.zeros(B, T, dtype=torch.float64)
-    for i in range(B):
-        g = _example_generator(seed, int(batch.indices[i]), stream)
-        u[i, : lengths[i]] = torch.rand(lengths[i], generator=g, dtype=torch.float64)
-    y = sample_from_logits(logits, u.to(logits.device))
+    y = sample_from_logits(logits, position_uniforms(batch, seed, stream).to(logits.device))
     return torch.where(batch.target_mask, y, torch.full_like(y, -100))
 
 
@@ -118,3 +136,67 @@ def curvature_targets(logits, batch: Batch, objective: str, labels: str, seed: i
     if labels == "empirical":
         return data_targets(batch, objective)
     return sampled_targets(logits, batch, seed, stream)
+
+
+# --------------------------------------------------------------------------------------------------
+# the output head without (B, T, V) logits
+# --------------------------------------------------------------------------------------------------
+
+#: causal LMs whose logits are exactly ``lm_head(base_model(...).last_hidden_state)`` (no scaling,
+#: soft-capping or extra projection after the head): :func:`head_gradient` may stand in for them
+PLAIN_HEAD_TYPES = ("gpt_neox", "gpt2", "llama", "mistral", "qwen2", "qwen3", "bloom", "opt")
+
+#: elements of one chunk of logits ``(tokens, V)`` formed at once by :func:`head_gradient`
+LOGIT_CHUNK = 1 << 24
+
+
+def plain_lm_head(model) -> nn.Linear | None:
+    """The output head of a registered causal LM whose logits are a plain linear map of the base
+    model's last hidden state, else ``None`` (use the model's own forward)."""
+    cfg = getattr(model, "config", None)
+    name = type(model).__name__
+    if getattr(cfg, "model_type", None) not in PLAIN_HEAD_TYPES or not name.endswith(("ForCausalLM", "LMHeadModel")):
+        return None
+    head = model.get_output_embeddings()
+    return head if type(head) is nn.Linear else None
+
+
+def last_hidden_state(model, batch: Batch) -> torch.Tensor:
+    """``(B, T, d)``: the base model's output, the input of :func:`plain_lm_head`."""
+    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def head_gradient(hidden: torch.Tensor, head: nn.Linear, batch: Batch, objective: str, labels: str, seed: int,
+                  stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂L/∂hidden (B, T, d), L)`` of the summed cross-entropy ``L`` of the head's logits, with the
+    labels of :func:`curvature_targets`, in chunks of :data:`LOGIT_CHUNK` logits.
+
+    The gradient of a summed softmax cross-entropy w.r.t. the logits is ``softmax(z) − onehot(y)``,
+    so no ``(B, T, V)`` tensor and no autograd graph of the head is ever formed: only the target
+    positions' logits, a chunk of tokens at a time (the largest tensor of a fit on a big vocabulary).
+    Labels and loss equal those of the model's own forward with :func:`curvature_targets`.
+    """
+    sel = batch.target_mask
+    h = hidden.detach()[sel]  # (n, d)
+    V = head.out_features
+    if labels == "empirical":
+        y_all = data_targets(batch, objective)[sel]
+    else:
+        u_all = position_uniforms(batch, seed, stream)[sel.cpu()].to(h.device)
+    g = torch.empty_like(h)
+    loss = torch.zeros((), dtype=torch.float64, device=h.device)
+    step = max(1, LOGIT_CHUNK // V)
+    for i in range(0, h.shape[0], step):
+        z = torch.nn.functional.linear(h[i : i + step], head.weight, head.bias)  # (c, V)
+        p = _probs(z)
+        y = y_all[i : i + step] if labels == "empirical" else sample_from_probs(p, u_all[i : i + step])
+        rows = torch.arange(p.shape[0], device=p.device)
+        zf = z.to(p.dtype)
+        loss += (torch.logsumexp(zf, -1) - zf[rows, y]).sum().double()
+        del z, zf
+        p[rows, y] -= 1.0
+        g[i : i + step] = p.to(head.weight.dtype) @ head.weight
+    grad = torch.zeros_like(hidden)
+    grad[sel] = g
+    return grad, loss

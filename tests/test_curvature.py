@@ -160,10 +160,15 @@ def test_sampled_labels_come_from_the_same_position_and_only_counted_ones():
                 assert y[i, t] == -100  # prompt, last and padding positions carry no label
 
 
-def test_sampled_fisher_matches_analytic_expectation_and_detects_shift(monkeypatch):
-    """E_y[DW DWᵀ] over sampled labels equals the GGN; a one-position shift of the labels does not."""
+@pytest.mark.parametrize("path", ["head", "logits"])
+def test_sampled_fisher_matches_analytic_expectation_and_detects_shift(monkeypatch, path):
+    """E_y[DW DWᵀ] over sampled labels equals the GGN; a one-position shift of the labels does not.
+    ``head``: the closed-form head gradient of registered causal LMs; ``logits``: the model's own forward."""
     import msif.curvature.fit as fitmod
     import msif.objectives as obj
+
+    if path == "logits":
+        monkeypatch.setattr(fitmod, "plain_lm_head", lambda model: None)
 
     model = tiny_neox(seed=6, num_hidden_layers=1)
     torch.manual_seed(0)
@@ -201,9 +206,47 @@ def test_sampled_fisher_matches_analytic_expectation_and_detects_shift(monkeypat
         z[:, 1:] = y[:, :-1]  # label drawn at t used as the target of t + 1
         return torch.where(batch.target_mask, z, torch.full_like(z, -100))
 
+    if path == "head":  # the head path equals the logits path (test_head_gradient_equals_the_models_own_loss)
+        return
     monkeypatch.setattr(obj, "sampled_targets", shifted)
     bad = err(fit_factors(model, data, cfg, fingerprint="t"))
     assert bad > 3 * good and bad > 0.1, (good, bad)
+
+
+@pytest.mark.parametrize("objective,labels", [("lm", "sampled"), ("lm", "empirical"), ("answer", "sampled")])
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2", "llama"])
+def test_head_gradient_equals_the_models_own_loss(monkeypatch, objective, labels, arch):
+    """The closed-form head gradient (no (B, T, V) logits) gives the factors of the autograd path."""
+    import msif.curvature.fit as fitmod
+    import msif.objectives as obj
+
+    model = _arch_model(arch)
+    assert obj.plain_lm_head(model) is not None
+    exs = random_lm_examples(12, seed=8) if objective == "lm" else random_answer_examples(12, seed=8)
+    data = batches(exs, 5)
+    monkeypatch.setattr(obj, "LOGIT_CHUNK", 3 * model.config.vocab_size)  # several chunks per batch
+    # covariance sums (kfac) and per-sequence gradient squares (diagonal): basis-free, so comparable
+    cfgs = [FitConfig(objective=objective, labels=labels, strategy=st) for st in ("kfac", "diagonal")]
+    head = [fit_factors(model, data, c, fingerprint="t") for c in cfgs]
+    monkeypatch.setattr(fitmod, "plain_lm_head", lambda m: None)
+    full = [fit_factors(model, data, c, fingerprint="t") for c in cfgs]
+    for h, f in zip(head, full):
+        sums = {k: x for k, x in f._tensors().items() if k.startswith(("A_sum/", "S_sum/", "lambda_sum/"))}
+        assert sums and h.n_tokens == f.n_tokens
+        for k, x in sums.items():
+            assert torch.allclose(h._tensors()[k], x, rtol=1e-10, atol=1e-14), k
+
+
+def _arch_model(arch: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    if arch == "gpt_neox":
+        return tiny_neox(seed=3)
+    if arch == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=64)).double().eval()
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        num_key_value_heads=1, vocab_size=50, max_position_embeddings=64)).double().eval()
 
 
 # ------------------------------------------------------------------------------------------------

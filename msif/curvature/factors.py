@@ -24,16 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 
 from .. import __version__
+from ..atomic import atomic_dir
+from ..tensorfile import save_tensors
 from ..models.adapters import Block, TrackedModule
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
@@ -103,29 +102,68 @@ class FactorSet:
     QS: dict[str, torch.Tensor] = field(default_factory=dict)
     eigS: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    # ------------------------------------------------------------------------------ storage
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the factors are held in (eigenvectors and Λ sums; float32 unless fitted in float64)."""
+        for d in (self.QA, self.A_sum):
+            for x in d.values():
+                return x.dtype
+        for st in self.stats.values():
+            if st.lambda_sum is not None:
+                return st.lambda_sum.dtype
+        return torch.float64
+
+    @property
+    def device(self) -> torch.device:
+        for x in self._tensors(cpu=False).values():
+            return x.device
+        return torch.device("cpu")
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor held (sums, eigenvectors, eigenvalues, Λ sums)."""
+        return sum(x.numel() * x.element_size() for x in self._tensors(cpu=False).values())
+
+    def drop_sums(self) -> "FactorSet":
+        """Free the covariance sums (``A_sum``, ``S_sum``): scoring needs only eigenvectors and Λ.
+        The factors can then no longer be merged, refined or saved."""
+        if self.strategy in ("ekfac", "kfac") and not self.QA:
+            raise FactorError("eigendecompose the factors before dropping their covariance sums")
+        self.A_sum = {}
+        for st in self.stats.values():
+            st.S_sum = None
+        self.meta["sums_dropped"] = True
+        return self
+
     # ----------------------------------------------------------------------------------- math
-    def eigendecompose(self) -> None:
-        """Eigendecompose ``A`` and ``S`` in float64 (needs the covariance pass)."""
+    def eigendecompose(self, dtype: torch.dtype | None = None) -> None:
+        """Eigendecompose ``A`` and ``S`` in float64, one matrix at a time on the sums' device (needs
+        the covariance pass); the eigenvectors and eigenvalues are kept in ``dtype`` (default: the
+        sums' dtype)."""
         if self.n_tokens <= 0:
             raise FactorError("no tokens were seen by the covariance pass; cannot eigendecompose")
+
+        def eig(x):
+            ev, Q = torch.linalg.eigh(x.double() / self.n_tokens)
+            dt = dtype or x.dtype
+            return ev.clamp_min(0.0).to(dt).contiguous(), Q.to(dt).contiguous()
+
         for m, A in self.A_sum.items():
-            ev, Q = torch.linalg.eigh(A.double() / self.n_tokens)
-            self.eigA[m], self.QA[m] = ev.clamp_min(0.0).contiguous(), Q.contiguous()
+            self.eigA[m], self.QA[m] = eig(A)
         for b, st in self.stats.items():
             if st.S_sum is not None:
-                ev, Q = torch.linalg.eigh(st.S_sum.double() / self.n_tokens)
-                self.eigS[b], self.QS[b] = ev.clamp_min(0.0).contiguous(), Q.contiguous()
+                self.eigS[b], self.QS[b] = eig(st.S_sum)
 
-    def lambdas(self, block: str) -> torch.Tensor:
-        """The diagonal ``Λ`` ``(out_b, in_dim)`` of the block in its eigenbasis (a new tensor)."""
+    def lambdas(self, block: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The diagonal ``Λ`` ``(out_b, in_dim)`` of the block in its eigenbasis (a new tensor in ``dtype``)."""
         b = self.blocks[block]
         if self.strategy == "ekfac" or self.strategy == "diagonal":
             if self.n_examples_lambda <= 0:
                 raise FactorError("no examples were seen by the eigenvalue-correction pass")
-            return self.stats[block].lambda_sum.double() / self.n_examples_lambda
+            return self.stats[block].lambda_sum.to(dtype) / self.n_examples_lambda
         if self.strategy == "kfac":
             scale = self.n_tokens / self.n_examples_cov
-            return scale * torch.outer(self.eigS[block], self.eigA[b.module])
+            return scale * torch.outer(self.eigS[block].to(dtype), self.eigA[b.module].to(dtype))
         raise FactorError(f"strategy {self.strategy!r} has no eigenvalues")
 
     def mean_eigenvalue(self) -> float:
@@ -143,26 +181,29 @@ class FactorSet:
         d = Damping.parse(damping)
         return d.value * self.mean_eigenvalue() if d.relative else d.value
 
-    def precondition(self, grads: dict[str, torch.Tensor], damping) -> dict[str, torch.Tensor]:
+    def precondition(self, grads: dict[str, torch.Tensor], damping, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Damped inverse-GGN times ``grads`` per block.
 
         ``grads`` maps module name → ``(..., out, in_dim)`` (leading dims = several vectors). Returns new
-        tensors in float64 (a module's blocks are written into their rows). Modules without factors
-        raise. Nothing stored here is modified.
+        tensors in ``dtype`` (default: the factors' own dtype, float32 for a default fit) on the factors'
+        device (a module's blocks are written into their rows). Modules without factors raise. Nothing
+        stored here is modified.
         """
         lam = self.resolve_damping(damping)
+        dt = dtype or self.dtype
+        dev = self.device
         out = {}
         for m, g in grads.items():
             if m not in self.modules:
                 raise FactorError(f"no factors for module {m!r}; fitted modules: {', '.join(self.modules)}")
-            g = g.double()
+            g = g.to(device=dev, dtype=dt)
             if self.strategy == "identity":
                 out[m] = g.clone()
                 continue
             res = torch.empty_like(g)
             for blk in self.modules[m].blocks:
                 V = g[..., blk.rows, :]
-                lam_b = self.lambdas(blk.name)
+                lam_b = self.lambdas(blk.name, dt)
                 if lam == 0 and bool((lam_b <= 0).any()):
                     raise FactorError(
                         f"block {blk.name} has zero eigenvalues and damping is 0: the inverse does not exist; "
@@ -171,7 +212,7 @@ class FactorSet:
                 if self.strategy == "diagonal":
                     res[..., blk.rows, :] = V / (lam_b + lam)
                     continue
-                QA, QS = self.QA[m], self.QS[blk.name]
+                QA, QS = self.QA[m].to(dt), self.QS[blk.name].to(dt)
                 res[..., blk.rows, :] = QS @ ((QS.T @ V @ QA) / (lam_b + lam)) @ QA.T
             out[m] = res
         return out
@@ -188,7 +229,7 @@ class FactorSet:
             return torch.eye(n, dtype=torch.float64)
         if self.strategy == "diagonal":
             return torch.diag(self.lambdas(block).reshape(-1) + lam)
-        K = torch.kron(self.QS[block], self.QA[b.module])  # row-major: (Q_S ⊗ Q_A) vec(R) = vec(Q_S R Q_Aᵀ)
+        K = torch.kron(self.QS[block].double(), self.QA[b.module].double())  # row-major: (Q_S ⊗ Q_A) vec(R) = vec(Q_S R Q_Aᵀ)
         return K @ torch.diag(self.lambdas(block).reshape(-1) + lam) @ K.T
 
     # -------------------------------------------------------------------------------- merging
@@ -196,6 +237,8 @@ class FactorSet:
         """Add another partial run's sums and counts into this one (same model and settings)."""
         if set(self.blocks) != set(other.blocks) or self.strategy != other.strategy:
             raise FactorError("cannot merge factors of different blocks or strategies")
+        if any(f.meta.get("sums_dropped") for f in (self, other)):
+            raise FactorError("factors loaded for scoring only (without their covariance sums) cannot be merged")
         if any((f.meta.get("config") or {}).get("refine", 0) for f in (self, other)):
             raise FactorError(
                 "factors fitted with refine > 0 cannot be merged: the refined A and S are not sums over "
@@ -216,7 +259,8 @@ class FactorSet:
         return self
 
     # ----------------------------------------------------------------------------- persistence
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def _tensors(self, cpu: bool = True) -> dict[str, torch.Tensor]:
+        """Every tensor by its key in the file (``kind/name``); moved to the CPU for writing unless ``cpu=False``."""
         t = {}
         for m, A in self.A_sum.items():
             t[f"A_sum/{m}"] = A
@@ -228,7 +272,9 @@ class FactorSet:
                 t[f"S_sum/{b}"] = st.S_sum
             if st.lambda_sum is not None:
                 t[f"lambda_sum/{b}"] = st.lambda_sum
-        return {k: v.contiguous() for k, v in t.items()}
+        if not cpu:
+            return t
+        return {k: v.detach().cpu().contiguous() for k, v in t.items()}
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``factors.safetensors`` + ``factors.json`` atomically into ``out_dir``.
@@ -236,12 +282,12 @@ class FactorSet:
         The directory is written under a temporary name next to it and renamed into place, so a
         killed run leaves either the previous factors or the new ones, never a mix.
         """
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        if self.meta.get("sums_dropped"):
+            raise FactorError("these factors were loaded for scoring only (without their covariance sums); save the original fit")
+
+        def write(tmp: Path):
             tensor_path = tmp / TENSOR_FILE
-            save_file(self._tensors(), str(tensor_path), metadata={"msif_format": str(FORMAT_VERSION)})
+            save_tensors(self._tensors(), tensor_path, metadata={"msif_format": str(FORMAT_VERSION)})
             meta = dict(self.meta)
             meta.update(
                 format_version=FORMAT_VERSION,
@@ -253,23 +299,21 @@ class FactorSet:
                 modules=[_tm_to_json(tm) for tm in self.modules.values()],
                 sha256=_sha256(tensor_path),
                 tensor_bytes=tensor_path.stat().st_size,
+                factor_dtype=str(self.dtype).removeprefix("torch."),
             )
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-            if out.exists():
-                old = out.with_name(f".{out.name}.old-{os.getpid()}")
-                out.rename(old)
-                tmp.rename(out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+
+        return atomic_dir(out_dir, write)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, verify: bool = True) -> "FactorSet":
-        """Load factors written by :meth:`save`; a missing, truncated or corrupt file raises FactorError."""
+    def load(cls, path: str | os.PathLike, verify: bool = True, for_scoring: bool = False,
+             device: str | torch.device | None = None) -> "FactorSet":
+        """Load factors written by :meth:`save`; a missing, truncated or corrupt file raises FactorError.
+
+        ``for_scoring``: read only what preconditioning needs (eigenvectors, eigenvalues, Λ sums), not
+        the covariance sums (about half of an EK-FAC file); such factors cannot be merged or saved.
+        ``device``: where the tensors go (default: the CPU).
+        """
         p = Path(path)
         meta_path, tensor_path = p / META_FILE, p / TENSOR_FILE
         if not meta_path.exists() or not tensor_path.exists():
@@ -290,8 +334,13 @@ class FactorSet:
             )
         if verify and _sha256(tensor_path) != meta.get("sha256"):
             raise FactorError(f"{tensor_path} does not match its checksum: the file is corrupt; re-run `msif fit`")
+        skip = ("A_sum/", "S_sum/") if for_scoring and meta["strategy"] in ("ekfac", "kfac") else ()
         try:
-            t = load_file(str(tensor_path))
+            t = {}
+            with safe_open(str(tensor_path), framework="pt") as f:
+                for key in f.keys():
+                    if not key.startswith(skip or ("\0",)):
+                        t[key] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as e:
             raise FactorError(f"{tensor_path} cannot be read ({e}); re-run `msif fit`") from None
         modules = {d["name"]: _tm_from_json(d) for d in meta["modules"]}
@@ -305,8 +354,12 @@ class FactorSet:
             n_examples_lambda=meta["n_examples_lambda"],
             meta={k: v for k, v in meta.items() if k not in ("modules",)},
         )
-        for key, x in t.items():
-            x = x.clone()  # own, aligned memory: results then match the fresh factors bit for bit
+        if skip:
+            fs.meta["sums_dropped"] = True
+        for key in list(t):
+            x = t.pop(key)
+            # own, aligned memory: results then match the fresh factors bit for bit
+            x = x.clone() if device is None or torch.device(device).type == "cpu" else x.to(device)
             kind, name = key.split("/", 1)
             if kind == "A_sum":
                 fs.A_sum[name] = x

@@ -1,14 +1,24 @@
 """Fitting curvature factors: covariance pass → float64 eigendecomposition → eigenvalue-correction pass.
 
 Every pass is a forward and an activation-only backward of the model (no parameter gradients) with
-hooks on the tracked layers. Statistics are sums with counts (tokens and sequences actually seen), so
-partial runs merge by addition (:meth:`FactorSet.merge_`).
+hooks on the tracked layers. The statistics are consumed inside the hooks, module by module: a
+module's input ``a`` is summed (covariance pass) or kept only until its own output gradient ``s``
+arrives in the backward (eigenvalue and refinement passes), so the memory of a fit is the model,
+the factor sums, autograd's own activations for one batch, the tracked layers' inputs, and one
+module's per-example work. Statistics are sums with counts (tokens and sequences actually seen), so
+partial runs merge by addition (:meth:`FactorSet.merge_`), and a killed fit resumes from its last
+checkpoint to the same factors (:mod:`msif.curvature.checkpoint`).
+
+Precision: activations of a bfloat16 / float16 model are cast to float32 one module at a time before
+any product; sums are float32 by default (float64 for a float64 model, or when asked); the
+eigendecomposition is always float64; eigenvectors are stored in ``factor_dtype`` (the same rule).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -17,9 +27,13 @@ from tqdm.auto import tqdm
 
 from ..data.encoding import Batch
 from ..models.adapters import tracked_modules
-from ..objectives import check_objective, curvature_targets, data_targets, model_logits, summed_loss
-from .factors import STRATEGIES, BlockStats, FactorSet
+from ..objectives import (check_objective, curvature_targets, data_targets, head_gradient, last_hidden_state,
+                          model_logits, plain_lm_head, summed_loss)
+from . import checkpoint as ckpt
+from .factors import STRATEGIES, BlockStats, FactorError, FactorSet
 from .hooks import Recorder
+
+DTYPES = ("auto", "float32", "float64")
 
 
 @dataclass
@@ -34,10 +48,11 @@ class FitConfig:
     seed: int = 0
     max_examples: int | None = None
     batch_size: int = 8
-    stats_dtype: str = "float64"  # accumulation dtype of the sums
+    stats_dtype: str = "auto"  # sums: float32 | float64 | auto (float64 only for a float64 model)
     generic: bool = False  # track every backbone linear of an unregistered architecture
     samples: int = 1  # label draws per example (sampled labels): more draws, less Monte-Carlo noise
     refine: int = 0  # EK-FAC: passes refining A and S towards the nearest Kronecker product of each GGN block
+    factor_dtype: str = "auto"  # stored eigenvectors/eigenvalues: float32 | float64 | auto (as stats_dtype)
 
     def validate(self) -> "FitConfig":
         check_objective(self.objective)
@@ -51,6 +66,9 @@ class FitConfig:
             raise ValueError("samples must be ≥ 1")
         if self.refine < 0:
             raise ValueError("refine must be ≥ 0")
+        for name in ("stats_dtype", "factor_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {DTYPES}, not {getattr(self, name)!r}")
         if self.refine > 0 and self.strategy != "ekfac":
             raise ValueError(
                 "refine only applies to strategy 'ekfac' (its eigenvalues are refitted in the refined basis; "
@@ -60,28 +78,65 @@ class FitConfig:
             raise ValueError("samples > 1 only makes sense with sampled labels (the data labels are fixed)")
         return self
 
+    def dtypes(self, model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+        """``(sums dtype, stored factor dtype)``: float32 unless asked, or the model is float64."""
+        auto = torch.float64 if model_dtype == torch.float64 else torch.float32
+        pick = lambda name: auto if name == "auto" else getattr(torch, name)  # noqa: E731
+        return pick(self.stats_dtype), pick(self.factor_dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Products of activations are formed in float32 for half-precision models, else in their own dtype."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _check_loss(loss: torch.Tensor, batch: Batch) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            "the loss is NaN or infinite on a batch: check the model weights and the inputs (examples "
+            f"{batch.indices.tolist()})"
+        )
+
 
 def record_batch(model: nn.Module, tms, batch: Batch, targets_fn, append_ones: bool = True) -> tuple[dict, dict, torch.Tensor]:
-    """One forward + activation-only backward with hooks.
+    """One forward + activation-only backward with hooks, every module's ``a`` and ``s`` returned at once.
 
     ``targets_fn(logits) -> targets`` gives the labels of the loss. Returns ``(a, s, logits)`` where
     ``a[module]`` is ``(B, T, in_dim)`` (``(B, T, in_features)`` with ``append_ones=False``) and
     ``s[module]`` is ``(B, T, out)``. With right padding and causal attention, ``s`` is exactly zero at
     padding positions (no loss there, and no real token sees them), so ``Σ_t s_t a_tᵀ`` needs no mask;
-    ``a`` is *not* zeroed at padding (the covariance pass selects real tokens itself).
+    ``a`` is *not* zeroed at padding (the covariance pass selects real tokens itself). Fitting uses
+    :func:`stream_batch` instead, which never holds more than one module's ``s``.
     """
     with Recorder(model, tms, append_ones=append_ones) as rec:
         logits = model_logits(model, batch)
         targets = targets_fn(logits)
         loss = summed_loss(logits, targets).sum()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                "the loss is NaN or infinite on a batch: check the model weights and the inputs (examples "
-                f"{batch.indices.tolist()})"
-            )
+        _check_loss(loss, batch)
         s = rec.output_grads(loss)
         a = rec.inputs
     return a, s, logits.detach()
+
+
+def stream_batch(model: nn.Module, tms, batch: Batch, cfg: FitConfig, stream: int, on_input, on_grad) -> None:
+    """One forward + activation-only backward of the curvature loss (labels of :func:`curvature_targets`);
+    ``on_input(tm, a)`` runs in each tracked module's forward hook, ``on_grad(tm, s)`` as soon as the
+    backward has produced that module's output gradient. For registered causal LMs the head's
+    gradient is formed in closed form a chunk of tokens at a time (:func:`head_gradient`), never
+    materialising the ``(B, T, V)`` logits."""
+    head = plain_lm_head(model) if cfg.objective != "classification" else None
+    with Recorder(model, tms, append_ones=False, on_input=on_input, on_grad=on_grad) as rec:
+        if head is not None:
+            hidden = last_hidden_state(model, batch)
+            grad, loss = head_gradient(hidden, head, batch, cfg.objective, cfg.labels, cfg.seed, stream)
+            _check_loss(loss, batch)
+            rec.backward(hidden, grad)
+            return
+        logits = model_logits(model, batch)
+        loss = summed_loss(logits, curvature_targets(logits, batch, cfg.objective, cfg.labels, cfg.seed, stream)).sum()
+        del logits
+        _check_loss(loss, batch)
+        rec.backward(loss)
 
 
 def per_example_grads(model: nn.Module, tms, batch: Batch, objective: str, targets=None) -> dict[str, torch.Tensor]:
@@ -120,107 +175,99 @@ def _check_batch(batch: Batch, objective: str):
         )
 
 
-def fit_factors(
-    model: nn.Module,
-    data: Iterable[Batch] | list[Batch],
-    config: FitConfig | None = None,
-    progress: bool = False,
-    model_name: str | None = None,
-    fingerprint: str | None = None,
-) -> FactorSet:
-    """Fit curvature factors of ``model`` on ``data`` (an iterable of batches, iterated once per pass).
-
-    ``data`` must be re-iterable (a list, or an object whose ``__iter__`` restarts) for strategies with
-    two passes (``ekfac``). Returns an eigendecomposed :class:`FactorSet`; :meth:`FactorSet.save` writes it.
-    """
-    cfg = (config or FitConfig()).validate()
-    tms = tracked_modules(model, per_head=cfg.per_head, modules=cfg.modules, generic=cfg.generic)
-    sdt = getattr(torch, cfg.stats_dtype)
-    fs = FactorSet(
-        strategy=cfg.strategy,
-        modules={tm.name: tm for tm in tms},
-        blocks={b.name: b for tm in tms for b in tm.blocks},
-    )
-    if fingerprint is None:
-        from ..models.loading import model_fingerprint  # lazy: loading imports transformers auto classes
-
-        fingerprint = model_fingerprint(model, tms)
-    fs.meta.update(
-        config=asdict(cfg),
-        fingerprint=fingerprint,
-        model_name=model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
-        model_type=getattr(getattr(model, "config", None), "model_type", None),
-        model_class=type(model).__name__,
-        objective=cfg.objective,
-        labels=cfg.labels,
-        per_head=cfg.per_head,
-        module_subset=cfg.modules,
-        stats_dtype=cfg.stats_dtype,
-        timings={},
-    )
-    was_training = model.training
-    model.eval()
-    try:
-        if cfg.strategy in ("ekfac", "kfac"):
-            t0 = time.perf_counter()
-            _covariance_pass(model, tms, data, cfg, fs, sdt, progress)
-            t1 = time.perf_counter()
-            fs.eigendecompose()
-            fs.meta["timings"]["covariance_s"] = t1 - t0
-            fs.meta["timings"]["eigendecomposition_s"] = time.perf_counter() - t1
-            if cfg.refine:
-                t0 = time.perf_counter()
-                for j in range(cfg.refine):
-                    _refine_pass(model, tms, data, cfg, fs, progress, j)
-                    fs.eigendecompose()
-                fs.meta["timings"]["refine_s"] = time.perf_counter() - t0
-        if cfg.strategy in ("ekfac", "diagonal"):
-            t0 = time.perf_counter()
-            _lambda_pass(model, tms, data, cfg, fs, sdt, progress)
-            fs.meta["timings"]["lambda_s"] = time.perf_counter() - t0
-    finally:
-        model.train(was_training)
-    return fs
+# ---------------------------------------------------------------------------------------------------
+# the passes: each consumes (a, s) of one module at a time and adds into its sums ``acc``
+# ---------------------------------------------------------------------------------------------------
 
 
-def _draws(model, tms, batch: Batch, cfg: FitConfig, pass_: int):
-    """``(a, s)`` of ``cfg.samples`` forward/backward passes of one batch, each with its own label draw
-    (streams ``pass_``, ``pass_ + 2``, ... so that the two passes never share draws)."""
-    for k in range(cfg.samples):
-        stream = pass_ + 2 * k
-        a, s, _ = record_batch(
-            model, tms, batch,
-            lambda logits: curvature_targets(logits, batch, cfg.objective, cfg.labels, cfg.seed, stream=stream),
-        )
-        yield a, s
+class _Pass:
+    """A pass over the data: ``on_input`` / ``on_grad`` per module, ``end_draw`` per forward/backward,
+    ``finish`` turns the sums into factors. ``acc`` and ``counts`` are all its state (checkpointed)."""
+
+    name = "pass"
+    stream = 0
+
+    def __init__(self, fs: FactorSet, tms, cfg: FitConfig, sdt: torch.dtype):
+        self.fs, self.tms, self.cfg, self.sdt = fs, tms, cfg, sdt
+        self.acc: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {"examples": 0, "tokens": 0}
+        self.held: dict[str, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+
+    def _add(self, key: str, x: torch.Tensor) -> None:
+        x = x.to(self.sdt)
+        self.acc[key] = self.acc[key] + x if key in self.acc else x
+
+    def begin_draw(self, batch: Batch) -> None:
+        self.mask = batch.attention_mask.bool()
+
+    def end_draw(self, batch: Batch) -> None:
+        self.held.clear()  # modules without a gradient (not on the loss's path) contribute nothing
+        self.counts["examples"] += batch.size
+        self.counts["tokens"] += int(self.mask.sum())
+
+    def on_input(self, tm, a):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def on_grad(self, tm, s):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finish(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
-def _covariance_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progress: bool):
+def _with_ones(tm, a: torch.Tensor) -> torch.Tensor:
+    """``[a | 1]`` for a layer with a bias (the input of its ``[W | b]`` matrix), else ``a``."""
+    return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1) if tm.bias else a
+
+
+class _CovariancePass(_Pass):
     """Sums of ``a aᵀ`` per module and ``s sᵀ`` per block over non-padding tokens.
 
-    Each batch's products are computed in the activations' dtype and added into ``sdt`` sums.
-    """
-    bar = tqdm(desc="covariance pass", unit="ex", total=cfg.max_examples, disable=not progress)
-    for batch in _batches(data, cfg.max_examples):
-        _check_batch(batch, cfg.objective)
-        mask = batch.attention_mask.bool()
-        for a, s in _draws(model, tms, batch, cfg, 0):
-            for tm in tms:
-                am = a[tm.name][mask]  # (n_tok, in_dim)
-                A = (am.T @ am).to(sdt)
-                fs.A_sum[tm.name] = fs.A_sum[tm.name] + A if tm.name in fs.A_sum else A
-                sm = s[tm.name][mask]
-                for blk in tm.blocks:
-                    sb = sm[:, blk.rows]
-                    S = (sb.T @ sb).to(sdt)
-                    st = fs.stats.setdefault(blk.name, BlockStats())
-                    st.S_sum = S if st.S_sum is None else st.S_sum + S
-            fs.n_tokens += int(mask.sum())
-            fs.n_examples_cov += batch.size
-        bar.update(batch.size)
-    bar.close()
-    if fs.n_examples_cov == 0:
-        raise ValueError("the data gave no examples to fit on")
+    The bias column of ``[a | 1]`` enters analytically (``Σ a`` and the token count), and ``s`` needs
+    no mask (it is exactly zero at padding), so no copy of the activations is made without padding."""
+
+    name, stream = "covariance pass", 0
+
+    def begin_draw(self, batch: Batch) -> None:
+        super().begin_draw(batch)
+        self.all_real = bool(self.mask.all())
+
+    def on_input(self, tm, a):
+        a = a.to(compute_dtype(a.dtype))
+        am = a.reshape(-1, a.shape[-1]) if self.all_real else a[self.mask]  # (n_tok, in_features)
+        self._add(f"A/{tm.name}", am.T @ am)
+        if tm.bias:
+            self._add(f"a/{tm.name}", am.sum(0))
+
+    def on_grad(self, tm, s):
+        sm = s.to(compute_dtype(s.dtype)).reshape(-1, s.shape[-1])
+        for blk in tm.blocks:
+            sb = sm[:, blk.rows]
+            self._add(f"S/{blk.name}", sb.T @ sb)
+
+    def finish(self):
+        fs = self.fs
+        if self.counts["examples"] == 0:
+            raise ValueError("the data gave no examples to fit on")
+        fs.A_sum = {tm.name: self._input_covariance(tm) for tm in self.tms}
+        for tm in self.tms:
+            for blk in tm.blocks:
+                S = self.acc.get(f"S/{blk.name}")
+                if S is None:  # a block whose output never received a gradient
+                    S = torch.zeros(blk.out_dim, blk.out_dim, dtype=self.sdt, device=fs.A_sum[tm.name].device)
+                fs.stats.setdefault(blk.name, BlockStats()).S_sum = S
+        fs.n_tokens += self.counts["tokens"]
+        fs.n_examples_cov += self.counts["examples"]
+
+    def _input_covariance(self, tm) -> torch.Tensor:
+        """``Σ [a | 1][a | 1]ᵀ`` from ``Σ a aᵀ``, ``Σ a`` and the token count."""
+        A = self.acc[f"A/{tm.name}"]
+        if not tm.bias:
+            return A
+        col = self.acc[f"a/{tm.name}"]
+        n = torch.tensor([float(self.counts["tokens"])], dtype=A.dtype, device=A.device)
+        return torch.cat([torch.cat([A, col[:, None]], 1), torch.cat([col, n])[None]], 0)
 
 
 def _block_rotation(fs: FactorSet, tm, dtype):
@@ -236,11 +283,16 @@ def _block_rotation(fs: FactorSet, tm, dtype):
         Q = torch.stack([fs.QS[b.name].to(dtype) for b in tm.blocks])  # (n, d, d)
 
         def rotate(x):
-            y = x.reshape(*x.shape[:-1], len(tm.blocks), d).unsqueeze(-2) @ Q  # (..., n, 1, d)
-            return y.reshape(x.shape)
+            # one bmm over blocks of (tokens, d) @ (d, d): 5x faster than broadcasting (..., n, 1, d) @ (n, d, d)
+            y = torch.bmm(x.reshape(-1, len(tm.blocks), d).transpose(0, 1), Q)  # (n, tokens, d)
+            return y.transpose(0, 1).reshape(x.shape)
 
         return rotate
-    Qfull = torch.zeros(tm.out_features, tm.out_features, dtype=dtype)
+    first = fs.QS[tm.blocks[0].name]
+    if len(tm.blocks) == 1:
+        Q1 = first.to(dtype)  # no copy when the dtypes agree
+        return lambda x: x @ Q1
+    Qfull = torch.zeros(tm.out_features, tm.out_features, dtype=dtype, device=first.device)
     for blk in tm.blocks:
         Qfull[blk.rows, blk.rows] = fs.QS[blk.name].to(dtype)
     return lambda x: x @ Qfull
@@ -255,6 +307,57 @@ def _sequence_grads(am: torch.Tensor, sm: torch.Tensor, out_features: int, in_di
     step = max(1, _CHUNK_ELEMS // (out_features * in_dim))
     for i in range(0, am.shape[0], step):
         yield torch.einsum("bto,bti->boi", sm[i : i + step], am[i : i + step])
+
+
+class _LambdaPass(_Pass):
+    """Sums over sequences of the squared per-sequence gradient, rotated into the eigenbasis (EK-FAC)
+    or not (diagonal). A module's rotated input is held from its forward hook to its backward hook."""
+
+    stream = 1
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.name = "eigenvalue-correction pass" if self.cfg.strategy == "ekfac" else "diagonal pass"
+        self.rot: dict[str, tuple] = {}
+
+    def _rotations(self, tm, dtype):
+        if tm.name not in self.rot:
+            self.rot[tm.name] = (self.fs.QA[tm.name].to(dtype), _block_rotation(self.fs, tm, dtype))
+        return self.rot[tm.name]
+
+    def on_input(self, tm, a):
+        a = a.to(compute_dtype(a.dtype))
+        if self.cfg.strategy != "ekfac":
+            self.held[tm.name] = _with_ones(tm, a)
+            return
+        QA = self._rotations(tm, a.dtype)[0]
+        n = a.shape[-1]
+        # [a | 1] Q_A = a Q_A[:n] + Q_A[n]: no copy of a with a column of ones
+        if tm.bias:
+            self.held[tm.name] = torch.addmm(QA[n], a.reshape(-1, n), QA[:n]).reshape(*a.shape[:-1], QA.shape[1])
+        else:
+            self.held[tm.name] = a @ QA
+
+    def on_grad(self, tm, s):
+        am = self.held.pop(tm.name)
+        sm = s.to(am.dtype)
+        if self.cfg.strategy == "ekfac":
+            sm = self._rotations(tm, am.dtype)[1](sm)
+        for g in _sequence_grads(am, sm, tm.out_features, tm.in_dim):
+            self._add(f"L/{tm.name}", (g * g).sum(0))
+
+    def finish(self):
+        fs = self.fs
+        if self.counts["examples"] == 0:
+            raise ValueError("the data gave no examples to fit on")
+        for tm in self.tms:
+            lam = self.acc.get(f"L/{tm.name}")
+            for blk in tm.blocks:
+                x = (torch.zeros(blk.out_dim, tm.in_dim, dtype=self.sdt, device=fs.device) if lam is None
+                     else lam[blk.rows].clone())
+                st = fs.stats.setdefault(blk.name, BlockStats())
+                st.lambda_sum = x if st.lambda_sum is None else st.lambda_sum + x
+        fs.n_examples_lambda += self.counts["examples"]
 
 
 # which form of the refinement products a module uses: None = the cheaper one by flop count
@@ -273,23 +376,7 @@ def _token_space_cheaper(tm, T: int) -> bool:
     return token_form < grad_form
 
 
-def _refine_token_space(am, sm, tm, A, Sb, A_new, S_new):
-    """The refinement sums without forming ``DW``: with ``DW = sᵀ a`` (``s (T, out)``, ``a (T, in_dim)``),
-    ``DW_b A DW_bᵀ = s_bᵀ (a A aᵀ) s_b`` and ``DW_bᵀ S_b DW_b = aᵀ (s_b S_b s_bᵀ) a``. Padding needs no
-    mask: ``s`` is zero there."""
-    K = (am @ A) @ am.transpose(1, 2)  # (B, T, T)
-    M = None
-    for blk in tm.blocks:
-        s_b = sm[..., blk.rows]  # (B, T, o_b)
-        o = s_b.shape[-1]
-        S_new[blk.name] += (s_b.reshape(-1, o).T @ (K @ s_b).reshape(-1, o)).double()
-        Mb = (s_b @ Sb[blk.name]) @ s_b.transpose(1, 2)
-        M = Mb if M is None else M + Mb
-    n = am.shape[-1]
-    A_new[tm.name] += (am.reshape(-1, n).T @ (M @ am).reshape(-1, n)).double()
-
-
-def _refine_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, progress: bool, j: int):
+class _RefinePass(_Pass):
     """One alternating-least-squares step towards the nearest Kronecker product of every GGN block.
 
     A block of the GGN is ``G_b = E_n[vec(DW_n) vec(DW_n)ᵀ]`` with ``DW_n = Σ_t s_t a_tᵀ`` the
@@ -300,77 +387,226 @@ def _refine_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, progress: bool
     covariances ignore products between tokens of a sequence and the coupling of ``a`` and ``s``; the
     refined factors account for both, so their eigenbasis diagonalises each block better and EK-FAC's
     refitted eigenvalues capture more of it. The sums are rescaled to the traces they had, so only the
-    eigenbases change; the eigenvalues EK-FAC uses come from the pass that follows.
+    eigenbases change; the eigenvalues EK-FAC uses come from the pass that follows. Sums in float64.
     """
-    A_cur = {m: fs.A_sum[m].double() / fs.n_tokens for m in fs.A_sum}
-    S_cur = {b: st.S_sum.double() / fs.n_tokens for b, st in fs.stats.items() if st.S_sum is not None}
-    A_new = {m: torch.zeros_like(A) for m, A in A_cur.items()}
-    S_new = {b: torch.zeros_like(S) for b, S in S_cur.items()}
-    cast: dict[str, tuple] = {}
-    bar = tqdm(desc=f"basis refinement pass {j + 1}", unit="ex", total=cfg.max_examples, disable=not progress)
-    for batch in _batches(data, cfg.max_examples):
-        _check_batch(batch, cfg.objective)
-        for a, s in _draws(model, tms, batch, cfg, 2 * (j + 1) * max(cfg.samples, 1) + 2):
-            for tm in tms:
-                am, sm = a[tm.name], s[tm.name]
-                if tm.name not in cast:
-                    cast[tm.name] = (A_cur[tm.name].to(am.dtype), {b.name: S_cur[b.name].to(am.dtype) for b in tm.blocks})
-                A, Sb = cast[tm.name]
-                if _token_space_cheaper(tm, am.shape[1]):
-                    _refine_token_space(am, sm, tm, A, Sb, A_new, S_new)
-                else:
-                    for g in _sequence_grads(am, sm, tm.out_features, tm.in_dim):
-                        for blk in tm.blocks:
-                            gb = g[:, blk.rows, :]
-                            S_new[blk.name] += torch.einsum("boi,bpi->op", gb @ A, gb).double()
-                            A_new[tm.name] += torch.einsum("boi,boj->ij", Sb[blk.name] @ gb, gb).double()
-        bar.update(batch.size)
-    bar.close()
-    for m, A in A_new.items():
-        A = 0.5 * (A + A.T)
-        tr = float(torch.trace(A))
-        if not tr > 0:
-            continue  # a module that saw no gradient: keep its token covariance
-        fs.A_sum[m] = (A * (float(torch.trace(fs.A_sum[m].double())) / tr)).to(fs.A_sum[m].dtype)
-    for b, S in S_new.items():
-        S = 0.5 * (S + S.T)
-        tr = float(torch.trace(S))
-        if not tr > 0:
-            continue
-        st = fs.stats[b]
-        st.S_sum = (S * (float(torch.trace(st.S_sum.double())) / tr)).to(st.S_sum.dtype)
 
+    def __init__(self, fs, tms, cfg, sdt, j: int):
+        super().__init__(fs, tms, cfg, torch.float64)
+        self.name = f"basis refinement pass {j + 1}"
+        self.stream = 2 * (j + 1) * max(cfg.samples, 1) + 2
+        self.cast: dict[str, tuple] = {}
 
-def _lambda_pass(model, tms, data, cfg: FitConfig, fs: FactorSet, sdt, progress: bool):
-    """Sums over sequences of the squared per-sequence gradient, rotated into the eigenbasis (EK-FAC)
-    or not (diagonal)."""
-    name = "eigenvalue-correction pass" if cfg.strategy == "ekfac" else "diagonal pass"
-    bar = tqdm(desc=name, unit="ex", total=cfg.max_examples, disable=not progress)
-    rot: dict[str, tuple] = {}
-    sums: dict[str, torch.Tensor] = {}
-    for batch in _batches(data, cfg.max_examples):
-        _check_batch(batch, cfg.objective)
-        for a, s in _draws(model, tms, batch, cfg, 1):
-            for tm in tms:
-                am, sm = a[tm.name], s[tm.name]
-                if cfg.strategy == "ekfac":
-                    if tm.name not in rot:
-                        rot[tm.name] = (fs.QA[tm.name].to(am.dtype), _block_rotation(fs, tm, sm.dtype))
-                    QA, rotate_s = rot[tm.name]
-                    am, sm = am @ QA, rotate_s(sm)
-                lam = None
-                for g in _sequence_grads(am, sm, tm.out_features, tm.in_dim):
-                    part = (g * g).sum(0)
-                    lam = part if lam is None else lam + part
-                lam = lam.to(sdt)
-                sums[tm.name] = sums[tm.name] + lam if tm.name in sums else lam
-            fs.n_examples_lambda += batch.size
-        bar.update(batch.size)
-    bar.close()
-    if fs.n_examples_lambda == 0:
-        raise ValueError("the data gave no examples to fit on")
-    for tm in tms:
+    def _current(self, tm, dtype):
+        if tm.name not in self.cast:
+            fs = self.fs
+            A = (fs.A_sum[tm.name].double() / fs.n_tokens).to(dtype)
+            S = {b.name: (fs.stats[b.name].S_sum.double() / fs.n_tokens).to(dtype) for b in tm.blocks}
+            self.cast[tm.name] = (A, S)
+        return self.cast[tm.name]
+
+    def on_input(self, tm, a):
+        self.held[tm.name] = _with_ones(tm, a.to(compute_dtype(a.dtype)))
+
+    def on_grad(self, tm, s):
+        am = self.held.pop(tm.name)
+        sm = s.to(am.dtype)
+        A, Sb = self._current(tm, am.dtype)
+        if _token_space_cheaper(tm, am.shape[1]):
+            self._token_space(am, sm, tm, A, Sb)
+            return
+        for g in _sequence_grads(am, sm, tm.out_features, tm.in_dim):
+            for blk in tm.blocks:
+                gb = g[:, blk.rows, :]
+                self._add(f"S/{blk.name}", torch.einsum("boi,bpi->op", gb @ A, gb))
+                self._add(f"A/{tm.name}", torch.einsum("boi,boj->ij", Sb[blk.name] @ gb, gb))
+
+    def _token_space(self, am, sm, tm, A, Sb):
+        """The refinement sums without forming ``DW``: with ``DW = sᵀ a`` (``s (T, out)``, ``a (T, in_dim)``),
+        ``DW_b A DW_bᵀ = s_bᵀ (a A aᵀ) s_b`` and ``DW_bᵀ S_b DW_b = aᵀ (s_b S_b s_bᵀ) a``. Padding needs no
+        mask: ``s`` is zero there."""
+        K = (am @ A) @ am.transpose(1, 2)  # (B, T, T)
+        M = None
         for blk in tm.blocks:
-            st = fs.stats.setdefault(blk.name, BlockStats())
-            x = sums[tm.name][blk.rows].clone()
-            st.lambda_sum = x if st.lambda_sum is None else st.lambda_sum + x
+            s_b = sm[..., blk.rows]  # (B, T, o_b)
+            o = s_b.shape[-1]
+            self._add(f"S/{blk.name}", s_b.reshape(-1, o).T @ (K @ s_b).reshape(-1, o))
+            Mb = (s_b @ Sb[blk.name]) @ s_b.transpose(1, 2)
+            M = Mb if M is None else M + Mb
+        n = am.shape[-1]
+        self._add(f"A/{tm.name}", am.reshape(-1, n).T @ (M @ am).reshape(-1, n))
+
+    def finish(self):
+        fs = self.fs
+        for tm in self.tms:
+            A = self.acc.get(f"A/{tm.name}")
+            if A is not None:
+                fs.A_sum[tm.name] = _rescaled(A, fs.A_sum[tm.name])
+            for blk in tm.blocks:
+                S = self.acc.get(f"S/{blk.name}")
+                if S is not None:
+                    st = fs.stats[blk.name]
+                    st.S_sum = _rescaled(S, st.S_sum)
+
+
+def _rescaled(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` symmetrised and scaled to ``old``'s trace, in ``old``'s dtype; ``old`` when ``new`` is zero
+    (a module that saw no gradient keeps its token covariance)."""
+    new = 0.5 * (new + new.T)
+    tr = float(torch.trace(new))
+    if not tr > 0:
+        return old
+    return (new * (float(torch.trace(old.double())) / tr)).to(old.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------------
+
+
+def _stages(cfg: FitConfig) -> list[str]:
+    out = []
+    if cfg.strategy in ("ekfac", "kfac"):
+        out.append("covariance")
+        out += [f"refine:{j}" for j in range(cfg.refine)]
+    if cfg.strategy in ("ekfac", "diagonal"):
+        out.append("lambda")
+    return out
+
+
+def _make_pass(stage: str, fs, tms, cfg, sdt) -> _Pass:
+    if stage == "covariance":
+        return _CovariancePass(fs, tms, cfg, sdt)
+    if stage == "lambda":
+        return _LambdaPass(fs, tms, cfg, sdt)
+    return _RefinePass(fs, tms, cfg, sdt, int(stage.split(":")[1]))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def fit_factors(
+    model: nn.Module,
+    data: Iterable[Batch] | list[Batch],
+    config: FitConfig | None = None,
+    progress: bool = False,
+    model_name: str | None = None,
+    fingerprint: str | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 100,
+    total: int | None = None,
+) -> FactorSet:
+    """Fit curvature factors of ``model`` on ``data`` (an iterable of batches, iterated once per pass).
+
+    ``data`` must be re-iterable (a list, or an object whose ``__iter__`` restarts) and give the same
+    batches on every pass; batches are moved to the model's device. With ``checkpoint`` (a folder),
+    the partial sums are written there atomically every ``checkpoint_every`` batches and at the end
+    of each pass, and a fit that finds a checkpoint of the same model, settings and data resumes from
+    it (:class:`msif.curvature.checkpoint.ResumeError` if anything differs); the caller deletes the
+    folder once the factors are saved. ``total``: examples per pass, for the progress bars' ETA.
+    Returns an eigendecomposed :class:`FactorSet`; :meth:`FactorSet.save` writes it.
+    """
+    cfg = (config or FitConfig()).validate()
+    if checkpoint_every < 1:
+        raise ValueError("checkpoint_every must be ≥ 1")
+    tms = tracked_modules(model, per_head=cfg.per_head, modules=cfg.modules, generic=cfg.generic)
+    sdt, fdt = cfg.dtypes(_model_dtype(model))
+    device = _model_device(model)
+    fs = FactorSet(strategy=cfg.strategy, modules={tm.name: tm for tm in tms},
+                   blocks={b.name: b for tm in tms for b in tm.blocks})
+    if fingerprint is None:
+        from ..models.loading import model_fingerprint  # lazy: loading imports transformers auto classes
+
+        fingerprint = model_fingerprint(model, tms)
+    dt_name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    fs.meta.update(
+        config=asdict(cfg), fingerprint=fingerprint,
+        model_name=model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
+        model_type=getattr(getattr(model, "config", None), "model_type", None), model_class=type(model).__name__,
+        objective=cfg.objective, labels=cfg.labels, per_head=cfg.per_head, module_subset=cfg.modules,
+        stats_dtype=dt_name(sdt), model_dtype=dt_name(_model_dtype(model)), timings={},
+    )
+    identity = dict(config=asdict(cfg), fingerprint=fingerprint, blocks=list(fs.blocks), stats_dtype=dt_name(sdt),
+                    factor_dtype=dt_name(fdt))
+    path = Path(checkpoint) if checkpoint is not None else None
+    state = (ckpt.load(path, identity, fs, device) if path is not None else None) or ckpt.PassState()
+    if state.stage or state.batches:
+        fs.meta["resumed"] = True
+        if progress:
+            print(f"resuming the fit from {path} ({_stages(cfg)[state.stage] if state.stage < len(_stages(cfg)) else 'done'}, "
+                  f"{state.batches} batches done)", flush=True)
+    fs.meta["timings"].update(state.timings)
+    was_training = model.training
+    model.eval()
+    try:
+        stages = _stages(cfg)
+        for si in range(state.stage, len(stages)):
+            p = _make_pass(stages[si], fs, tms, cfg, sdt)
+            if si == state.stage:
+                p.acc, p.counts = state.acc, dict(state.counts) or p.counts
+            t0 = time.perf_counter()
+            _run_pass(model, tms, data, cfg, p, state, path, identity, checkpoint_every, progress, total, device)
+            p.finish()
+            key = stages[si].split(":")[0]
+            _time(fs, f"{key}_s", time.perf_counter() - t0)
+            if stages[si] != "lambda":
+                t0 = time.perf_counter()
+                fs.eigendecompose(fdt)
+                _time(fs, "eigendecomposition_s", time.perf_counter() - t0)
+            state = ckpt.PassState(stage=si + 1, data_digest=state.data_digest, timings=dict(fs.meta["timings"]))
+            if path is not None and si + 1 < len(stages):
+                ckpt.save(path, identity, fs, state)
+    finally:
+        model.train(was_training)
+    return fs
+
+
+def _time(fs: FactorSet, key: str, dt: float) -> None:
+    fs.meta["timings"][key] = fs.meta["timings"].get(key, 0.0) + dt
+
+
+def _run_pass(model, tms, data, cfg: FitConfig, p: _Pass, state: ckpt.PassState, path, identity, every: int,
+              progress: bool, total: int | None, device) -> None:
+    """One pass of ``p`` over the batches, skipping the ``state.batches`` already summed (their digest
+    checked), with a checkpoint every ``every`` batches."""
+    skip, digest = state.batches, ""
+    bar = tqdm(desc=p.name, unit="ex", total=cfg.max_examples or total, disable=not progress)
+    n = 0
+    for n, batch in enumerate(_batches(data, cfg.max_examples), 1):
+        digest = ckpt.chain_digest(digest, batch)
+        if n <= skip:
+            if n == skip and digest != state.digest:
+                raise ckpt.ResumeError(
+                    f"the data differ from those of the interrupted fit in {path} (the first {skip} batches do not "
+                    "match): rerun with the same data and settings, or pass --restart to discard the checkpoint"
+                )
+            bar.update(batch.size)
+            continue
+        _check_batch(batch, cfg.objective)
+        batch = batch.to(device)
+        for k in range(cfg.samples):
+            stream = p.stream + 2 * k
+            p.begin_draw(batch)
+            stream_batch(model, tms, batch, cfg, stream, p.on_input, p.on_grad)
+            p.end_draw(batch)
+        bar.update(batch.size)
+        if path is not None and n % every == 0:
+            ckpt.save(path, identity, p.fs, ckpt.PassState(state.stage, n, p.acc, p.counts, digest, state.data_digest,
+                                                           dict(p.fs.meta["timings"])))
+    bar.close()
+    if n < skip:
+        raise ckpt.ResumeError(f"the data are shorter than those of the interrupted fit in {path}; rerun with the same "
+                               "data, or pass --restart to discard the checkpoint")
+    if not state.data_digest:
+        state.data_digest = digest
+    elif digest != state.data_digest:
+        raise FactorError(
+            "the data gave other batches on this pass than on the first one: fitting needs a re-iterable dataset "
+            "that yields the same batches every time (a list, or msif.data.examples.ExampleBatches)"
+        )

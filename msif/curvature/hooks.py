@@ -37,17 +37,24 @@ class Recorder:
     Use as a context manager around a forward pass; then call :meth:`output_grads` with a scalar loss
     to get the gradients w.r.t. the tracked outputs. ``inputs[name]`` is ``(B, T, in_dim)`` (a column
     of ones appended when the layer has a bias), detached.
+
+    Streaming use (memory of one module at a time): with ``on_input(tm, a)`` and ``on_grad(tm, s)``
+    nothing is kept here; ``on_input`` is called in the module's forward hook, ``on_grad`` as soon as
+    the backward of :meth:`backward` has produced the module's output gradient ``s (B, T, out)``.
     """
 
-    def __init__(self, model: nn.Module, tms: list[TrackedModule], record_inputs: bool = True, append_ones: bool = True):
+    def __init__(self, model: nn.Module, tms: list[TrackedModule], record_inputs: bool = True, append_ones: bool = True,
+                 on_input=None, on_grad=None):
         self.model = model
         self.tms = tms
         self.record_inputs = record_inputs
         self.append_ones = append_ones
+        self.on_input, self.on_grad = on_input, on_grad
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles = []
         self._frozen = None
+        self._emb_out: torch.Tensor | None = None
 
     def _make_hook(self, tm: TrackedModule):
         def hook(mod, args, output):
@@ -55,10 +62,31 @@ class Recorder:
                 a = args[0].detach()
                 if tm.bias and self.append_ones:
                     a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-                self.inputs[tm.name] = a
-            self.outputs[tm.name] = output
+                if self.on_input is not None:
+                    self.on_input(tm, a)
+                else:
+                    self.inputs[tm.name] = a
+            if self.on_grad is not None:
+                if output.requires_grad:
+                    output.register_hook(lambda g: self.on_grad(tm, g))
+            else:
+                self.outputs[tm.name] = output
 
         return hook
+
+    def _require_grad_and_keep(self, mod, args, output):
+        out = self._require_grad(mod, args, output)
+        self._emb_out = out
+        return out
+
+    def backward(self, output: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """Activation-only backward in streaming mode, of a scalar loss or of ``output`` with the given
+        ``grad``: every tracked module's ``on_grad`` fires once its output gradient exists (no parameter
+        gradient; the graph is released)."""
+        if self._emb_out is None:
+            raise RuntimeError("backward() needs a forward pass inside the recorder")
+        torch.autograd.grad(output, [self._emb_out], grad_outputs=grad, allow_unused=True)
+        self._emb_out = None
 
     @staticmethod
     def _require_grad(mod, args, output):
@@ -68,7 +96,7 @@ class Recorder:
         self._frozen = frozen_parameters(self.model)
         self._frozen.__enter__()
         emb = self.model.get_input_embeddings()
-        self._handles.append(emb.register_forward_hook(self._require_grad))
+        self._handles.append(emb.register_forward_hook(self._require_grad_and_keep))
         for tm in self.tms:
             self._handles.append(self.model.get_submodule(tm.name).register_forward_hook(self._make_hook(tm)))
         return self

@@ -87,6 +87,13 @@ class ExampleBatches:
         self.window = max(1, window) * batch_size
         self.pad_id = pad_token_id(tokenizer)
 
+    def num_examples(self) -> int:
+        """Examples one iteration yields (the file's rows, at most ``max_examples``), without tokenising."""
+        from .corpus import open_corpus
+
+        n = len(open_corpus(self.path, text_field=None, id_field=None))
+        return n if self.max_examples is None else min(n, self.max_examples)
+
     def _field_list(self):
         f = self.fields
         return {"lm": [f.text], "answer": [f.prompt, f.answer], "classification": [f.text, f.label]}[self.objective]

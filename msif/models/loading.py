@@ -89,7 +89,8 @@ def _load_error(path: str, local: bool, what: str, err: Exception) -> ModelLoadE
     )
 
 
-def _dtype(dtype: Any) -> Any:
+def parse_dtype(dtype: Any) -> Any:
+    """``None`` / ``"auto"`` / a ``torch.dtype`` / a name (``"bf16"``, ``"float32"`` ...) → what ``from_pretrained`` takes."""
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     if isinstance(dtype, str):
@@ -146,7 +147,7 @@ def load_model(
 
     path, local = _resolve(path_or_id, "model")
     task = _resolve_task(path, local, task, from_pretrained_kwargs)
-    dt = _dtype(dtype)
+    dt = parse_dtype(dtype)
     kwargs = dict(from_pretrained_kwargs)
     if dt is not None:
         kwargs["dtype"] = dt
