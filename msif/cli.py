@@ -240,6 +240,11 @@ def attribute(
     truncate: bool = typer.Option(False, help="Truncate over-long documents instead of failing."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
     device: str = typer.Option("cpu", help="Device, e.g. cuda."),
+    chunk_size: int = typer.Option(1024, "--chunk-size", help="Documents read, tokenised and scored at a time (memory does not grow with the corpus)."),
+    scores_out: Optional[Path] = typer.Option(None, "--scores-out", help="Folder for the whole (queries × documents) score matrix: float32 shards + manifest.json; a rerun resumes from the finished shards."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Budget of the query vectors, e.g. 8GB (default: a quarter of the available RAM, or of the free CUDA memory); above it they become low-rank."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Scoring dtype of the candidate model: float32, bfloat16 or float16 (default: the checkpoint's); low precision is checked against float32 on 8 candidates."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (documents/s, ETA) on stderr."),
 ):
     """Rank pre-training documents by their influence on the fine-tuned model's answer."""
     from .data.corpus import Corpus
@@ -255,11 +260,29 @@ def attribute(
         raise InputError("--method ms-if needs --pretrained-factors (fit them with `msif fit PRETRAINED CORPUS --objective lm`)")
     from .models.loading import load_tokenizer
 
+    from .influence.stream import default_max_memory, parse_bytes
+    from .models.loading import load_model
+
+    if chunk_size < 1:
+        raise InputError(f"--chunk-size must be ≥ 1, not {chunk_size}")
+    budget = parse_bytes(max_memory) if max_memory is not None else default_max_memory(device)
+    score_dtype = None
+    if dtype is not None:
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise InputError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+        import torch
+
+        score_dtype = getattr(torch, dtype)
     ft_tok = None
     if (Path(finetuned) / "tokenizer_config.json").exists():
         ft_tok = load_tokenizer(finetuned)
+    # loaded in the checkpoints' dtype (the factors' fingerprints are of those weights); --dtype casts the
+    # candidate model once the query vectors exist. One model when both paths are the same checkpoint.
+    pt_model = load_model(pretrained, task="causal_lm", device=device)
+    same = Path(pretrained).exists() and Path(finetuned).exists() and Path(pretrained).resolve() == Path(finetuned).resolve()
+    ft_model = pt_model if same or pretrained == finetuned else load_model(finetuned, task="auto", device=device)
     att = Attributor(
-        pretrained, finetuned, tokenizer or pretrained,
+        pt_model, ft_model, tokenizer or pretrained,
         pt_factors=str(pretrained_factors) if pretrained_factors and method == Method.ms_if else None,
         ft_factors=str(finetuned_factors) if finetuned_factors and method in (Method.ms_if, Method.ss_if) else None,
         ft_tokenizer=ft_tok, damping_pt=damping_pt, damping_ft=damping_ft, template=template, batch_size=batch_size,
@@ -276,7 +299,9 @@ def attribute(
                                 query_id=p.query.id, results=[dict(rank=i + 1, doc_id=d, row=r, score=float(s), text=t) for i, (d, r, s, t) in
                                                              enumerate(zip(corp.doc_ids(rows), rows, sc, corp.texts(rows)))]))
     else:
-        res = att.attribute(prepared, corp, candidates=cand_rows, method=method.value, top=top, rank=rank)
+        res = att.attribute(prepared, corp, candidates=cand_rows, method=method.value, top=top, rank=rank, chunk_size=chunk_size,
+                            scores_out=scores_out, max_memory=budget, dtype=score_dtype, release=True, progress=progress,
+                            log=lambda m: console.print(m, markup=False, highlight=False))
         results = res.to_json()
     if as_json:
         print(json.dumps(results, indent=1))
@@ -285,7 +310,8 @@ def attribute(
 
 
 def _candidates(corp, index_dir, retriever, method, texts, k):
-    """Per query: candidate corpus rows (best first) and their retrieval scores."""
+    """Per query: candidate corpus rows (best first) and their retrieval scores; ``None`` rows (and
+    scores) for every document of the corpus in row order."""
     from .data.encoding import InputError
 
     if method.value == "embedding" and index_dir is None:
@@ -305,8 +331,7 @@ def _candidates(corp, index_dir, retriever, method, texts, k):
                 f"the corpus has {len(corp)} documents: select candidates with an embedding index (`msif index CORPUS --out DIR`, "
                 "then --index DIR) or --retriever bm25; --retriever all scores every document"
             )
-        rows = list(range(len(corp)))
-        return [rows for _ in texts], [[0.0] * len(rows) for _ in texts]
+        return [None for _ in texts], [None for _ in texts]  # every document, streamed (no O(N) row lists)
     rows = [[int(r) for r in rr if r >= 0] for rr in hits.rows]
     scores = [[float(s) for s, r in zip(ss, rr) if r >= 0] for ss, rr in zip(hits.scores, hits.rows)]
     if any(not r for r in rows):

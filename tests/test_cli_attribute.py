@@ -78,3 +78,37 @@ def test_attribute_errors(checkpoint, fitted):  # noqa: F811
                     "--pretrained-factors", fitted / "pt", "--finetuned-factors", fitted / "pt",
                     "--corpus", checkpoint / "lm.jsonl", "--prompt", "berlin is in", "--answer", " germany")
     assert code == 2 and "fitted on model" in out
+
+
+def test_attribute_all_documents_streamed_to_resumable_shards(checkpoint, fitted, tmp_path):  # noqa: F811
+    q = ("--prompt", "what is the capital of france", "--answer", " paris", "--top", 3, "--json", "--no-progress")
+    ref = run_json(*_attr_args(checkpoint, fitted, *q))  # --retriever auto: every document of the small corpus
+    args = _attr_args(checkpoint, fitted, *q, "--retriever", "all", "--chunk-size", 3, "--scores-out", tmp_path / "s")
+    first = run_json(*args)
+    assert [h["doc_id"] for h in first[0]["results"]] == [h["doc_id"] for h in ref[0]["results"]]
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["n_docs"] == 6 and len(manifest["shards"]) == 2 and manifest["dtype"] == "float32"
+    assert manifest["queries"][0]["answer"] == " paris" and manifest["inputs"]["chunk_size"] == 3
+    (tmp_path / "s" / manifest["shards"][1]).unlink()  # as if killed before the second chunk was written
+    assert run_json(*args) == first
+    code, out = run(*_attr_args(checkpoint, fitted, *q, "--retriever", "all", "--chunk-size", 3, "--scores-out", tmp_path / "s",
+                                "--damping-pt", "1e-2"))
+    assert code == 2 and "dampings changed" in out and "new --scores-out folder" in out
+
+
+def test_attribute_max_memory_low_rank_and_dtype(checkpoint, fitted):  # noqa: F811
+    from msif.influence.scoring import query_vector_elements
+    from msif.models.adapters import tracked_modules
+    from msif.models.loading import load_model
+
+    dense = query_vector_elements(tracked_modules(load_model(checkpoint / "lm"))) * 4  # float32 vectors
+    q = ("--prompt", "berlin is in", "--answer", " germany", "--top", 2, "--no-progress")
+    code, out = run(*_attr_args(checkpoint, fitted, *q, "--max-memory", dense // 2))
+    assert code == 0, out
+    assert "over --max-memory" in out and "low-rank query vectors of rank" in out
+    code, out = run(*_attr_args(checkpoint, fitted, *q, "--max-memory", "lots"))
+    assert code == 2 and "--max-memory must be a size" in out
+    code, out = run(*_attr_args(checkpoint, fitted, *q, "--dtype", "bfloat16", "--json"))
+    assert code == 0, out
+    code, out = run(*_attr_args(checkpoint, fitted, *q, "--dtype", "int8"))
+    assert code == 2 and "--dtype must be" in out

@@ -27,9 +27,11 @@ from ..curvature.factors import FactorError, FactorSet
 from ..curvature.fit import per_example_grads
 from ..data.encoding import Encoded, InputError, collate, encode_classification, encode_prompt, encode_prompt_answer, encode_text, pad_token_id
 from ..models.adapters import tracked_modules
-from .scoring import ScoreResult, low_rank, score_batches
+from .scoring import LowRank, ScoreResult, Split, largest_rank, low_rank, query_vector_elements, score_batches
 
 METHODS = ("ms-if", "ss-if", "gdp", "repsim")
+PAD_MULTIPLE = 32  # candidate batches are padded to a multiple of this many tokens
+QUERY_GRAD_BYTES = 256 << 20  # query gradients formed at once (float32 bytes), besides the query vectors
 
 
 @dataclass
@@ -138,8 +140,9 @@ class Attributor:
         self.tok = load_tokenizer(str(tokenizer)) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         ftt = ft_tokenizer if ft_tokenizer is not None else self.tok
         self.ft_tok = load_tokenizer(str(ftt)) if isinstance(ftt, (str, os.PathLike)) else ftt
-        self.pt_factors = FactorSet.load(pt_factors) if isinstance(pt_factors, (str, os.PathLike)) else pt_factors
-        self.ft_factors = FactorSet.load(ft_factors) if isinstance(ft_factors, (str, os.PathLike)) else ft_factors
+        # only what preconditioning needs (no covariance sums), where the query gradients are made
+        load = lambda f: FactorSet.load(f, for_scoring=True, device=device) if isinstance(f, (str, os.PathLike)) else f  # noqa: E731
+        self.pt_factors, self.ft_factors = load(pt_factors), load(ft_factors)
         self.damping_pt, self.damping_ft = damping_pt, damping_ft
         if template not in ("plain", "chat"):
             raise ValueError("template must be 'plain' or 'chat'")
@@ -258,15 +261,22 @@ class Attributor:
             raise FactorError(f"method needs the {which} factors: fit them with `msif fit` and pass them")
         return fs
 
+    def vector_dtype(self) -> torch.dtype:
+        """Dtype of the query vectors: float64 when a model or a factor set is float64, else float32."""
+        dts = [next(m.parameters()).dtype for m in (self.pt, self.ft) if m is not None]
+        dts += [f.dtype for f in (self.pt_factors, self.ft_factors) if f is not None]
+        return torch.float64 if torch.float64 in dts else torch.float32
+
     def query_vectors(self, grads: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
-        """``U`` per module: ``P_pt P_ft g`` (ms-if), ``P_ft g`` (ss-if) or ``g`` (gdp)."""
+        """``U`` per module: ``P_pt P_ft g`` (ms-if), ``P_ft g`` (ss-if) or ``g`` (gdp), in :meth:`vector_dtype`."""
+        dt = self.vector_dtype()
         if method == "gdp":
-            return {n: g.double() for n, g in grads.items()}
+            return {n: g.to(dt) for n, g in grads.items()}
         ft = self._need(self.ft_factors, "fine-tuned")
         missing = [n for n in grads if n not in ft.modules]
         if missing:
             raise FactorError(f"the fine-tuned factors do not cover module {missing[0]!r}; re-fit with --modules all")
-        u = ft.precondition(grads, self.damping_ft)
+        u = ft.precondition(grads, self.damping_ft, dtype=dt)
         if method == "ss-if":
             return u
         pt = self._need(self.pt_factors, "pre-trained")
@@ -276,48 +286,147 @@ class Attributor:
         for n in common:
             if [b.out_dim for b in pt.modules[n].blocks] != [b.out_dim for b in ft.modules[n].blocks]:
                 raise FactorError(f"module {n!r} is split into different blocks in the two factor sets (fit both with the same --per-head setting)")
-        return pt.precondition({n: u[n] for n in common}, self.damping_pt)
+        return pt.precondition({n: u[n] for n in common}, self.damping_pt, dtype=dt)
+
+    def vector_modules(self, method: str) -> list:
+        """The tracked modules that carry a query vector for ``method`` (candidate-side objects)."""
+        if method in ("ms-if",) and self.pt_factors is not None:
+            return [tm for tm in self.shared if tm.name in self.pt_factors.modules]
+        return list(self.shared)
+
+    def choose_rank(self, n_queries: int, method: str, rank: int | None = None, max_memory: int | None = None, log=None) -> int | None:
+        """``rank`` if given; else None (dense) when ``n_queries`` dense query vectors fit in ``max_memory``
+        bytes, else the largest low-rank rank that fits (and says so through ``log``)."""
+        if rank is not None or max_memory is None or method == "repsim":
+            return rank
+        from .stream import format_bytes
+
+        tms = self.vector_modules(method)
+        el = torch.finfo(self.vector_dtype()).bits // 8
+        dense = n_queries * query_vector_elements(tms) * el
+        if dense <= max_memory:
+            return None
+        r = largest_rank(tms, n_queries, max_memory, el)
+        if r is None:
+            raise InputError(
+                f"the query vectors of {n_queries} queries do not fit in --max-memory {format_bytes(max_memory)} even at rank 1; "
+                "attribute fewer queries at once or raise --max-memory"
+            )
+        used = n_queries * query_vector_elements(tms, r) * el
+        (log or _stderr)(f"query vectors of {n_queries} queries would take {format_bytes(dense)} dense, over --max-memory "
+                         f"{format_bytes(max_memory)}: using low-rank query vectors of rank {r} per block ({format_bytes(used)}); "
+                         "--rank R forces a rank")
+        return r
+
+    def make_query_vectors(self, prepared: list[PreparedQuery], method: str, rank: int | None = None) -> dict:
+        """``U`` of every prepared query (module → :class:`~msif.influence.scoring.Split`, or
+        :class:`~msif.influence.scoring.LowRank` with ``rank``). Gradients are made ``batch_size``
+        queries at a time and preconditioned one module at a time, each written into its rows of
+        ``U`` (allocated once), so besides ``U`` only one batch's gradients and one module's
+        preconditioned copies exist. RepSim: the queries' mean last hidden states ``(Q, d)`` under
+        the key ``"repsim"``."""
+        if method == "repsim":
+            return {"repsim": self._repsim_queries(prepared)}
+        if method == "ss-if" and self.classifier:
+            raise InputError(
+                "single-stage IF needs the fine-tuned model to be a language model over the pre-training vocabulary; "
+                f"{type(self.ft).__name__} has a classification head. Use --method ms-if (or gdp / repsim)."
+            )
+        keep = {tm.name for tm in self.vector_modules(method)}
+        tmap = {tm.name: tm for tm in self.shared}
+        Q, out = len(prepared), {}
+        per_query = query_vector_elements(self.vector_modules(method)) * 4
+        step = max(1, min(self.batch_size, QUERY_GRAD_BYTES // per_query))  # gradients held at once: ≤ QUERY_GRAD_BYTES
+        for i in range(0, Q, step):
+            grads = self.query_gradients(prepared[i : i + step])
+            j = i + next(iter(grads.values())).shape[0]
+            for n in list(grads):
+                g = grads.pop(n)
+                if method == "ms-if":  # the ft factors must cover every shared module (query_vectors says so)
+                    self._need(self.ft_factors, "fine-tuned")
+                    if n not in keep:
+                        if n not in self.ft_factors.modules:
+                            self.query_vectors({n: g}, "ss-if")  # raises the missing-module error
+                        continue
+                v = self.query_vectors({n: g}, method)[n]
+                del g
+                if rank is not None:
+                    v = low_rank({n: v}, [tmap[n]], rank)[n]
+                if isinstance(v, LowRank):
+                    if n not in out:
+                        out[n] = LowRank(v.X.new_empty((Q, *v.X.shape[1:])), v.Y.new_empty((Q, *v.Y.shape[1:])))
+                    out[n].X[i:j], out[n].Y[i:j] = v.X, v.Y
+                else:
+                    tm = tmap[n]
+                    if n not in out:
+                        out[n] = Split.empty(Q, tm, v.dtype, v.device)
+                    out[n].W[i:j] = v[..., : tm.in_features]
+                    if tm.bias:
+                        out[n].b[i:j] = v[..., tm.in_features]
+                del v
+            del grads
+        if not out:
+            raise FactorError("the pre-trained and fine-tuned factors share no module")
+        return out
+
+    def release(self, method: str) -> None:
+        """Free what only the query vectors need: both factor sets and, unless it scores the
+        candidates (ss-if), the fine-tuned model. The attributor can then only score."""
+        import gc
+
+        self.pt_factors = self.ft_factors = None
+        if method != "ss-if" and self.ft is not self.pt:
+            self.ft = None
+        gc.collect()
+
+    def candidate_model(self, method: str) -> nn.Module:
+        return self.ft if method == "ss-if" else self.pt
 
     # ---------------------------------------------------------------------------- candidates
     def encode_candidates(self, texts: Sequence[str], rows: Sequence[int]) -> list[Encoded]:
         return [encode_text(self.tok, t, max_length=self.max_length, truncate=self.truncate, index=int(r)) for t, r in zip(texts, rows)]
 
     def _candidate_batches(self, encoded: list[Encoded]):
+        """Batches of similar lengths, right-padded to a multiple of :data:`PAD_MULTIPLE` tokens: a few
+        batch shapes instead of one per length, so the allocator reuses its blocks and memory does not
+        creep up over a long stream (padding is exact: its output gradients are zero)."""
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
         pid = pad_token_id(self.tok)
         for i in range(0, len(order), self.batch_size):
-            yield collate([encoded[j] for j in order[i : i + self.batch_size]], pad_id=pid).to(self.device)
+            ex = [encoded[j] for j in order[i : i + self.batch_size]]
+            T = -(-max(len(e.input_ids) for e in ex) // PAD_MULTIPLE) * PAD_MULTIPLE
+            if self.max_length is not None:
+                T = min(T, self.max_length)
+            yield collate(ex, pad_id=pid, pad_to=T).to(self.device)
 
     def score(self, prepared: list[PreparedQuery], texts: Sequence[str], rows: Sequence[int] | None = None,
               method: str = "ms-if", per_token: bool = False, rank: int | None = None) -> ScoreResult:
-        """Scores ``(Q, N)`` of candidate ``texts`` (in the given order) for prepared queries."""
+        """Scores ``(Q, N)`` of candidate ``texts`` (in the given order) for prepared queries, all in one
+        pass (the reference; :meth:`attribute` streams)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, not {method!r}")
         if len(texts) == 0:
             raise InputError("no candidate documents to score")
         rows = list(range(len(texts))) if rows is None else [int(r) for r in rows]
+        U = self.make_query_vectors(prepared, method, rank)
+        res = self.score_texts(U, texts, method, per_token=per_token)
+        res.indices = torch.tensor(rows, device="cpu")
+        return res
+
+    def score_texts(self, U: dict, texts: Sequence[str], method: str, per_token: bool = False) -> ScoreResult:
+        """Scores of ``texts`` against query vectors ``U`` of :meth:`make_query_vectors`, in the
+        texts' order (``indices`` are positions in ``texts``)."""
         if method == "repsim":
-            return self._repsim(prepared, texts, rows)
-        cand_model, tms = self.pt, self.shared
-        if method == "ss-if":
-            if self.classifier:
-                raise InputError(
-                    "single-stage IF needs the fine-tuned model to be a language model over the pre-training vocabulary; "
-                    f"{type(self.ft).__name__} has a classification head. Use --method ms-if (or gdp / repsim)."
-                )
-            cand_model, tms = self.ft, self.shared
-        U = self.query_vectors(self.query_gradients(prepared), method)
-        if rank is not None:
-            U = low_rank(U, tms, rank)
+            return self._repsim_scores(U["repsim"], texts)
         enc = self.encode_candidates(texts, range(len(texts)))
-        res = score_batches(cand_model, tms, U, self._candidate_batches(enc), objective="lm", per_token=per_token)
-        # back to the caller's order; indices are positions in ``texts``
-        order = torch.argsort(res.indices)
-        res.scores = res.scores[:, order]
-        res.per_module = res.per_module[:, order]
+        res = score_batches(self.candidate_model(method), self.shared, U, self._candidate_batches(enc), objective="lm",
+                            per_token=per_token)
+        order = torch.argsort(res.indices)  # back to the texts' order
+        res.scores = res.scores[:, order.to(res.scores.device)]
+        res.per_module = res.per_module[:, order.to(res.per_module.device)]
         if res.per_token is not None:
             res.per_token = [res.per_token[int(i)] for i in order]
-        res.indices = torch.tensor(rows)
+        res.indices = res.indices[order]
         return res
 
     @torch.no_grad()
@@ -329,16 +438,19 @@ class Attributor:
             out.append(((h * m).sum(1) / m.sum(1)).double())
         return torch.cat(out)
 
-    def _repsim(self, prepared, texts, rows) -> ScoreResult:
+    def _repsim_queries(self, prepared) -> torch.Tensor:
         pid_q = pad_token_id(self.ft_tok)
-        q = self._mean_hidden(self.ft, [collate([p.encoded], pad_id=pid_q).to(self.device) for p in prepared])
+        return self._mean_hidden(self.ft, [collate([p.encoded], pad_id=pid_q).to(self.device) for p in prepared])
+
+    def _repsim_scores(self, q: torch.Tensor, texts) -> ScoreResult:
         enc = self.encode_candidates(texts, range(len(texts)))
         pid = pad_token_id(self.tok)
         c = self._mean_hidden(self.pt, [collate(enc[i : i + self.batch_size], pad_id=pid).to(self.device) for i in range(0, len(enc), self.batch_size)])
         if q.shape[1] != c.shape[1]:
             raise InputError("the two models' hidden sizes differ; RepSim needs the same backbone")
         s = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(c, dim=-1).T
-        return ScoreResult(scores=s, per_module=s.unsqueeze(-1), modules=["hidden_states[-1]"], indices=torch.tensor(rows), roles=["representation"])
+        return ScoreResult(scores=s, per_module=s.unsqueeze(-1), modules=["hidden_states[-1]"],
+                           indices=torch.arange(len(texts), device="cpu"), roles=["representation"])
 
     def self_influence(self, texts: Sequence[str], damping=None) -> torch.Tensor:
         """``∇ℓ(z)ᵀ (G_pt+λ)⁻¹ ∇ℓ(z)`` for each text on θ_pt (``(N,)``)."""
@@ -355,51 +467,200 @@ class Attributor:
     # --------------------------------------------------------------------------- whole thing
     def attribute(self, queries: Sequence[Query | PreparedQuery], corpus, candidates: Sequence[Sequence[int]] | None = None,
                   method: str = "ms-if", top: int = 10, per_token: bool = True, rank: int | None = None,
-                  text_field: str = "text") -> Attribution:
+                  text_field: str = "text", chunk_size: int = 1024, scores_out=None, max_memory: int | None = None,
+                  dtype: torch.dtype | None = None, release: bool = False, progress: bool = False, log=None) -> Attribution:
         """Rank candidate rows of ``corpus`` (a :class:`msif.data.corpus.Corpus` or a list of texts) per query.
 
         ``candidates``: per query, the corpus rows to rerank (e.g. from the embedding index); ``None``
-        scores every document (fine for small corpora). Queries sharing a candidate set share one pass.
-        Already prepared queries (:meth:`prepare`) are used as they are (their answers are not re-generated).
+        (for all queries, or one query) scores every document. Queries sharing a candidate set share one pass. The candidates stream
+        ``chunk_size`` at a time (:mod:`msif.influence.stream`): per query only a running top-``top``
+        and the sums of |per-module score| are kept, and per-token scores are recomputed for the final
+        top documents alone. ``scores_out``: folder for the whole score matrix in float32 shards
+        (resumable; one candidate set only). ``max_memory``: bytes the query vectors may take (above it
+        they become low-rank, see :meth:`choose_rank`). ``release``: free the factors and the
+        fine-tuned model once the query vectors exist. ``dtype``: cast the candidate model to it
+        after the query vectors are made (bf16 / fp16 scores are checked against float32 on the
+        first candidates). Already prepared queries (:meth:`prepare`) are used as they are.
         """
+
+        log = log or _stderr
         todo = [q for q in queries if not isinstance(q, PreparedQuery)]
         done = iter(self.prepare(todo)) if todo else iter(())
         prepared = [q if isinstance(q, PreparedQuery) else next(done) for q in queries]
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {method!r}")
         texts_of = (lambda rows: corpus.texts(rows)) if hasattr(corpus, "texts") else (lambda rows: [corpus[r] for r in rows])
         ids_of = (lambda rows: corpus.doc_ids(rows)) if hasattr(corpus, "doc_ids") else (lambda rows: [str(r) for r in rows])
         n_docs = len(corpus)
-        if candidates is None:
-            candidates = [list(range(n_docs))] * len(prepared)
-        if len(candidates) != len(prepared):
+        if n_docs == 0:
+            raise InputError("no candidate documents to score")
+        if candidates is not None and len(candidates) != len(prepared):
             raise ValueError("give one candidate list per query")
-        groups: dict[tuple, list[int]] = {}
-        for qi, c in enumerate(candidates):
-            groups.setdefault(tuple(int(r) for r in c), []).append(qi)
+        groups: dict[tuple | None, list[int]] = {}
+        for qi in range(len(prepared)):
+            c = None if candidates is None or candidates[qi] is None else tuple(int(r) for r in candidates[qi])
+            groups.setdefault(None if c is not None and c == tuple(range(n_docs)) else c, []).append(qi)
+        if scores_out is not None and len(groups) > 1:
+            raise InputError("--scores-out stores one (queries × documents) matrix: give every query the same candidates "
+                             "(e.g. --retriever all)")
         att = Attribution(method, prepared, [None] * len(prepared), [None] * len(prepared), [None] * len(prepared),
                           texts=[None] * len(prepared), dampings=self._resolved_dampings(method))
-        if per_token and method != "repsim":
+        want_tokens = per_token and method != "repsim"
+        if want_tokens:
             att.token_scores, att.tokens = [None] * len(prepared), [None] * len(prepared)
         if method != "repsim":
             att.role_share, att.layer_share = [None] * len(prepared), [None] * len(prepared)
-        for rows, qis in groups.items():
-            rows = list(rows)
-            texts = texts_of(rows)
-            res = self.score([prepared[q] for q in qis], texts, rows, method=method, per_token=per_token and method != "repsim", rank=rank)
-            for j, qi in enumerate(qis):
-                s = res.scores[j]
-                k = min(top, len(rows))
-                best = torch.argsort(s, descending=True)[:k].tolist()
-                att.rows[qi] = [rows[b] for b in best]
-                att.doc_ids[qi] = ids_of(att.rows[qi])
-                att.scores[qi] = [float(s[b]) for b in best]
-                att.texts[qi] = [texts[b] for b in best]
-                if att.token_scores is not None:
-                    att.token_scores[qi] = [res.per_token[b][j].tolist() for b in best]
-                    att.tokens[qi] = [self._token_strings(texts[b]) for b in best]
-                if att.role_share is not None:
-                    att.role_share[qi] = {r: float(v[j]) for r, v in res.role_shares().items()}
-                    att.layer_share[qi] = _layer_shares(res, j)
+        rank = self.choose_rank(len(prepared), method, rank, max_memory, log)
+        store_inputs = self._store_inputs(prepared, corpus, method, rank, dtype, chunk_size, top, att.dampings) if scores_out is not None else None
+        vectors = {rows: self.make_query_vectors([prepared[q] for q in qis], method, rank) for rows, qis in groups.items()}
+        if release:
+            self.release(method)
+        if dtype is not None:
+            self.candidate_model(method).to(dtype)
+        self.held = 0  # most candidates held at once per query (memory bound, for tests)
+        for (rows, qis), U in zip(groups.items(), vectors.values()):
+            n = n_docs if rows is None else len(rows)
+            first = rows[: min(n, 8)] if rows is not None else list(range(min(n, 8)))
+            self.check_precision(U, method, texts_of(first), log)
+            store = None
+            if scores_out is not None:
+                from .stream import ShardStore
+
+                store = ShardStore.open(scores_out, store_inputs, [_query_json(prepared[q]) for q in qis], n, chunk_size)
+            best, absm = self._stream(U, method, corpus, rows, len(qis), min(top, n), chunk_size, store, progress)
+            self.held = max(self.held, best.max_held)
+            self._fill(att, qis, best, absm, U, method, texts_of, ids_of, want_tokens)
+            del U
+        vectors.clear()
         return att
+
+    def _stream(self, U, method, corpus, rows, n_queries, k, chunk_size, store, progress):
+        """Top-``k`` per query over the candidates (chunk by chunk) and the sums of |per-module score|."""
+        import sys
+
+        from tqdm.auto import tqdm
+
+        from .stream import TopK, iter_chunks
+
+        best = TopK(n_queries, k)
+        absm = None
+        cached = {}
+        total = len(corpus) if rows is None else len(rows)
+        bar = tqdm(total=total, unit="doc", desc="scoring", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+                   smoothing=0.1)
+        try:
+            for chunk in iter_chunks(corpus, rows, chunk_size, skip=lambda i: store is not None and self._cached(store, i, cached)):
+                shard = cached.pop(chunk.index, None)
+                if shard is not None and shard["rows"].tolist() == chunk.rows:
+                    part_s, part_r, chunk_abs = shard["topk_scores"], shard["topk_rows"], shard["abs_per_module"]
+                else:
+                    if not chunk.texts:  # a cached shard that did not match its rows after all
+                        chunk.texts = list(corpus.texts(chunk.rows)) if hasattr(corpus, "texts") else [corpus[r] for r in chunk.rows]
+                    res = self.score_texts(U, chunk.texts, method)
+                    part = TopK(n_queries, k)
+                    part.update(res.scores, chunk.rows)
+                    part_s, part_r = part.scores, part.rows
+                    chunk_abs = res.per_module.abs().sum(1).to("cpu", torch.float64)
+                    if store is not None:
+                        store.save(chunk.index, res.scores, chunk.rows, part, chunk_abs)
+                    del res
+                best.update(part_s, part_r)
+                best.max_held = max(best.max_held, len(chunk.rows) + k)
+                absm = chunk_abs.clone() if absm is None else absm + chunk_abs
+                bar.update(len(chunk.rows))
+        finally:
+            bar.close()
+        return best, absm
+
+    @staticmethod
+    def _cached(store, i, cached) -> bool:
+        """Chunk ``i``'s shard exists (kept in ``cached`` for the loop; its rows are checked there)."""
+        p = store.path(i)
+        if not p.exists():
+            return False
+        from safetensors.torch import load_file
+
+        try:
+            cached[i] = load_file(str(p))
+        except Exception:  # noqa: BLE001  (damaged or foreign: recompute)
+            return False
+        return "rows" in cached[i] and "topk_rows" in cached[i]
+
+    def _fill(self, att, qis, best, absm, U, method, texts_of, ids_of, want_tokens):
+        """Results of one candidate group: rows, ids, scores, texts, per-token scores (a second pass
+        over the top documents only) and role / layer shares."""
+        union = sorted({r for j in range(len(qis)) for r in best.best(j)[0]})
+        texts = dict(zip(union, texts_of(union)))
+        modules = [tm.name for tm in self.shared if tm.name in U]
+        roles = [tm.role for tm in self.shared if tm.name in U]
+        for j, qi in enumerate(qis):
+            rows, scores = best.best(j)
+            att.rows[qi], att.scores[qi] = rows, scores
+            att.doc_ids[qi] = ids_of(rows)
+            att.texts[qi] = [texts[r] for r in rows]
+            if want_tokens:  # this query's top documents only: a pass over k documents with one query vector
+                res = self.score_texts(_one_query(U, j), att.texts[qi], method, per_token=True)
+                att.token_scores[qi] = [t[0].tolist() for t in res.per_token]
+                att.tokens[qi] = [self._token_strings(t) for t in att.texts[qi]]
+            if att.role_share is not None:
+                att.role_share[qi] = _role_shares(absm[j], roles)
+                att.layer_share[qi] = _layer_shares(absm[j], modules, roles)
+
+    # ------------------------------------------------------------------------ precision, inputs
+    def check_precision(self, U, method: str, texts: Sequence[str], log=None) -> dict | None:
+        """For a bf16 / fp16 candidate model: scores of ``texts`` (a few candidates) against float32
+        (the model cast to float32 in place and back, an exact round trip); warns through ``log``
+        when their Spearman is below 0.9. Returns the comparison (None for a float32/64 model)."""
+        from .stream import precision_report
+
+        model = self.candidate_model(method)
+        low = next(model.parameters()).dtype
+        if low not in (torch.bfloat16, torch.float16) or method == "repsim" or len(texts) < 2:
+            return None
+        s_low = self.score_texts(U, texts, method).scores
+        model.to(torch.float32)
+        try:
+            s_hi = self.score_texts(U, texts, method).scores
+        finally:
+            model.to(low)
+        rep = precision_report(s_low, s_hi, str(low).removeprefix("torch."))
+        if rep["warning"]:
+            (log or _stderr)(rep["warning"])
+        return rep
+
+    def _store_inputs(self, prepared, corpus, method, rank, dtype, chunk_size, top, dampings) -> dict:
+        """What a stored score matrix depends on (compared key by key when a run resumes)."""
+        import hashlib
+        import json
+
+        from ..models.loading import model_fingerprint
+
+        def fp_model(m, tms):
+            return None if m is None else model_fingerprint(m, tms)
+
+        if hasattr(corpus, "fingerprint"):
+            c = corpus.fingerprint()
+            corp = {k: c[k] for k in ("n_rows", "sample_sha256", "text_field", "id_field")}
+        else:
+            corp = {"n_rows": len(corpus), "sha256": hashlib.sha256("\0".join(corpus).encode()).hexdigest()}
+        queries = [_query_json(p) for p in prepared]
+        cand = self.candidate_model(method)
+        return {
+            "method": method,
+            "pretrained": fp_model(self.pt, self.tms_pt),
+            "finetuned": fp_model(self.ft, self.tms_ft),
+            "pretrained_factors": None if self.pt_factors is None or method != "ms-if" else self.pt_factors.meta.get("sha256"),
+            "finetuned_factors": None if self.ft_factors is None or method == "gdp" else self.ft_factors.meta.get("sha256"),
+            "dampings": dampings,
+            "rank": rank,
+            "dtype": str(dtype or next(cand.parameters()).dtype).removeprefix("torch."),
+            "corpus": corp,
+            "queries": hashlib.sha256(json.dumps(queries, sort_keys=True).encode()).hexdigest()[:20],
+            "max_length": self.max_length,
+            "truncate": self.truncate,
+            "chunk_size": chunk_size,
+            "top": top,
+        }
 
     def _token_strings(self, text: str) -> list[str]:
         enc = encode_text(self.tok, text, max_length=self.max_length, truncate=True)
@@ -414,14 +675,35 @@ class Attributor:
         return d
 
 
-def _layer_shares(res: ScoreResult, q: int) -> dict[str, float]:
-    """Share of |influence| per (layer, role), e.g. ``{"layer 0 mlp": 0.4, ...}``."""
+def _stderr(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr)
+
+
+def _one_query(U: dict, j: int) -> dict:
+    """Query ``j``'s vectors alone (views, no copy)."""
+    return {n: LowRank(v.X[j : j + 1], v.Y[j : j + 1]) if isinstance(v, LowRank) else v.rows(j, j + 1) if isinstance(v, Split)
+            else v[j : j + 1] for n, v in U.items()}
+
+
+def _query_json(p: PreparedQuery) -> dict:
+    return {"id": p.query.id, "prompt": p.prompt_text, "answer": p.answer, "label": p.label}
+
+
+def _role_shares(absm: torch.Tensor, roles: list[str]) -> dict[str, float]:
+    """Share of |influence| per role (mlp / attention) from the sums of |per-module score| ``(M,)``."""
+    tot = float(absm.sum()) or 1.0
+    return {r: float(sum(v for v, x in zip(absm.tolist(), roles) if x == r)) / tot for r in sorted(set(roles))}
+
+
+def _layer_shares(absm: torch.Tensor, modules: list[str], roles: list[str]) -> dict[str, float]:
+    """Share of |influence| per (layer, role), e.g. ``{"layer 0 mlp": 0.4, ...}``, from ``absm (M,)``."""
     import re
 
-    absm = res.per_module[q].abs().sum(0)
     tot = float(absm.sum()) or 1.0
     out: dict[str, float] = {}
-    for name, role, v in zip(res.modules, res.roles, absm.tolist()):
+    for name, role, v in zip(modules, roles, absm.tolist()):
         m = re.search(r"\.(\d+)\.", name)
         key = f"layer {m.group(1) if m else '?'} {role}"
         out[key] = out.get(key, 0.0) + v / tot

@@ -24,8 +24,9 @@ from torch import nn
 
 from ..data.encoding import Batch
 from ..curvature.fit import record_batch
+from ..curvature.hooks import Recorder
 from ..models.adapters import TrackedModule
-from ..objectives import data_targets
+from ..objectives import data_targets, head_gradient, last_hidden_state, plain_lm_head
 
 
 @dataclass
@@ -44,7 +45,8 @@ def low_rank(U: dict[str, torch.Tensor], tms: list[TrackedModule], rank: int) ->
     """Rank-``rank`` truncated SVD of every block of every query vector (module → :class:`LowRank`).
 
     A module whose factors would cost at least as much as the dense matrix (``R·(out+in) ≥ out·in``,
-    e.g. per-head blocks with ``rank ≥ head_dim``) is kept dense: same speed, exact.
+    e.g. per-head blocks with ``rank ≥ head_dim``) is kept dense: same speed, exact. Everything is made
+    on ``U``'s own device.
     """
     if rank < 1:
         raise ValueError("rank must be ≥ 1")
@@ -52,21 +54,52 @@ def low_rank(U: dict[str, torch.Tensor], tms: list[TrackedModule], rank: int) ->
     for tm in tms:
         if tm.name not in U:
             continue
+        if not _factored(tm, rank):
+            out[tm.name] = U[tm.name]
+            continue
         Xs, Ys = [], []
         for blk in tm.blocks:
             Ub = U[tm.name][:, blk.rows, :]
             u, sv, vh = torch.linalg.svd(Ub, full_matrices=False)
             r = min(rank, sv.shape[-1])
-            X = torch.zeros(Ub.shape[0], tm.out_features, r, dtype=Ub.dtype)
+            X = torch.zeros(Ub.shape[0], tm.out_features, r, dtype=Ub.dtype, device=Ub.device)
             X[:, blk.rows, :] = u[..., :r] * sv[..., None, :r]
             Xs.append(X)
             Ys.append(vh[..., :r, :].transpose(-1, -2))
-        R = sum(x.shape[-1] for x in Xs)
-        if R * (tm.out_features + tm.in_dim) >= tm.out_features * tm.in_dim:
-            out[tm.name] = U[tm.name]
-        else:
-            out[tm.name] = LowRank(torch.cat(Xs, -1), torch.cat(Ys, -1))
+        out[tm.name] = LowRank(torch.cat(Xs, -1), torch.cat(Ys, -1))
     return out
+
+
+def _block_rank(tm: TrackedModule, rank: int) -> int:
+    """Columns of a module's low-rank factors: ``Σ_blocks min(rank, out_b, in_dim)``."""
+    return sum(min(rank, b.out_dim, tm.in_dim) for b in tm.blocks)
+
+
+def _factored(tm: TrackedModule, rank: int) -> bool:
+    return _block_rank(tm, rank) * (tm.out_features + tm.in_dim) < tm.out_features * tm.in_dim
+
+
+def query_vector_elements(tms: list[TrackedModule], rank: int | None = None) -> int:
+    """Elements of one query's vector over ``tms``: dense ``Σ out·in_dim``, or with :func:`low_rank`
+    factors of ``rank`` (``R·(out+in_dim)`` per factored module)."""
+    n = 0
+    for tm in tms:
+        dense = tm.out_features * tm.in_dim
+        n += _block_rank(tm, rank) * (tm.out_features + tm.in_dim) if rank is not None and _factored(tm, rank) else dense
+    return n
+
+
+def largest_rank(tms: list[TrackedModule], n_queries: int, budget_bytes: int, element_size: int) -> int | None:
+    """The largest rank whose low-rank query vectors for ``n_queries`` fit in ``budget_bytes`` (None: not even rank 1)."""
+    fits = lambda r: n_queries * query_vector_elements(tms, r) * element_size <= budget_bytes  # noqa: E731
+    hi = max(max(tm.out_features, tm.in_dim) for tm in tms)
+    if not fits(1):
+        return None
+    lo = 1  # fits(lo) holds; the element count grows with the rank until every module is dense
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 @dataclass
@@ -146,21 +179,54 @@ def _contract(a: torch.Tensor, s: torch.Tensor, U, tm: TrackedModule, order: str
 
 
 @dataclass
-class _Split:
+class Split:
     """A query matrix split once into its weight part ``W (Q, out, in)`` (contiguous, also flattened
-    to ``(Q, out·in)``) and bias column ``b (Q, out)``, so the contraction never copies per batch."""
+    to ``W2 (Q, out·in)``) and bias column ``b (Q, out)``, so the contraction never copies per batch.
+    :func:`score_batches` accepts it in place of the ``(Q, out, in_dim)`` matrix."""
 
     W: torch.Tensor
     W2: torch.Tensor
     b: torch.Tensor | None
 
+    @classmethod
+    def empty(cls, n_queries: int, tm: TrackedModule, dtype, device) -> "Split":
+        W = torch.empty(n_queries, tm.out_features, tm.in_features, dtype=dtype, device=device)
+        b = torch.empty(n_queries, tm.out_features, dtype=dtype, device=device) if tm.bias else None
+        return cls(W, W.view(n_queries, -1), b)
+
+    def dense(self) -> torch.Tensor:
+        """The ``(Q, out, in_dim)`` matrix ``[W | b]`` (a new tensor)."""
+        return self.W.clone() if self.b is None else torch.cat([self.W, self.b.unsqueeze(-1)], -1)
+
+    def rows(self, i: int, j: int) -> "Split":
+        return Split(self.W[i:j], self.W2[i:j], None if self.b is None else self.b[i:j])
+
+
+_Split = Split
+
 
 def _prepare(U, tm: TrackedModule, dtype):
     if isinstance(U, LowRank):
         return LowRank(U.X.to(dtype).contiguous(), U.Y.to(dtype).contiguous())
+    if isinstance(U, Split):
+        if U.W.dtype == dtype:
+            return U
+        W = U.W.to(dtype)
+        return Split(W, W.view(W.shape[0], -1), None if U.b is None else U.b.to(dtype))
     W, b = _split_bias(U.to(dtype), tm)
     W = W.contiguous()
     return _Split(W, W.reshape(W.shape[0], -1), None if b is None else b.contiguous())
+
+
+def _n_queries(u) -> int:
+    return u.X.shape[0] if isinstance(u, LowRank) else u.W.shape[0] if isinstance(u, Split) else u.shape[0]
+
+
+def contraction_dtype(model: nn.Module) -> torch.dtype:
+    """Dtype of the contractions: the model's, at least float32 (a bf16 / fp16 model's ``a`` and ``s``
+    are cast one module at a time)."""
+    dt = next(model.parameters()).dtype
+    return dt if dt in (torch.float32, torch.float64) else torch.float32
 
 
 def score_batches(
@@ -174,37 +240,47 @@ def score_batches(
     progress=None,
 ) -> ScoreResult:
     """Score every candidate of ``batches`` (forward + activation-only backward on ``model``) against
-    the query vectors ``U`` (module → ``(Q, out, in_dim)`` or :class:`LowRank`).
+    the query vectors ``U`` (module → ``(Q, out, in_dim)``, :class:`Split` or :class:`LowRank`).
 
     Only modules present in ``U`` are contracted; the candidate loss is ``objective`` with data labels.
+    For a registered causal LM with the ``lm`` objective, each module is contracted as soon as its
+    output gradient exists and the head's gradient is formed in closed form, so neither the
+    ``(B, T, V)`` logits nor all modules' ``s`` are ever held at once.
     """
     names = [tm.name for tm in tms if tm.name in U]
     if not names:
         raise ValueError("no tracked module of the model has a query vector")
     tmap = {tm.name: tm for tm in tms}
     sub = [tmap[n] for n in names]
-    first = U[names[0]]
-    Q = first.X.shape[0] if isinstance(first, LowRank) else first.shape[0]
-    dtype = next(model.parameters()).dtype
+    Q = _n_queries(U[names[0]])
+    dtype = contraction_dtype(model)
     U = {n: _prepare(U[n], tmap[n], dtype) for n in names}  # once, not per batch
+    head = plain_lm_head(model) if objective == "lm" else None
     totals, modules, idx, toks = [], [], [], []
     for batch in batches:
-        a, s, _ = record_batch(model, sub, batch, lambda logits: data_targets(batch, objective), append_ones=False)
         T = batch.input_ids.shape[1]
-        per_mod = []
-        tok_sum = None
-        for n in names:
-            sc, tk = _contract(a[n], s[n], U[n], tmap[n], _order(order, Q, T), per_token)
-            per_mod.append(sc.double())
-            if per_token:
-                tok_sum = tk.double() if tok_sum is None else tok_sum + tk.double()
-        pm = torch.stack(per_mod, -1)  # (Q, B, M)
+        got: dict[str, tuple] = {}
+
+        def contract(n, a, s):
+            got[n] = _contract(a.to(dtype), s.to(dtype), U[n], tmap[n], _order(order, Q, T), per_token)
+
+        if head is not None:
+            _stream_batch(model, sub, batch, head, contract)
+        else:
+            a, s, _ = record_batch(model, sub, batch, lambda logits: data_targets(batch, objective), append_ones=False)
+            for n in names:
+                contract(n, a.pop(n), s.pop(n))
+            del a, s
+        zero = torch.zeros(Q, batch.size, dtype=torch.float64, device=batch.input_ids.device)
+        pm = torch.stack([got[n][0].double() if n in got else zero for n in names], -1)  # (Q, B, M)
         modules.append(pm)
         totals.append(pm.sum(-1))
         idx.append(batch.indices)
         if per_token:
+            tok_sum = sum(got[n][1].double() for n in names if n in got)
             lens = batch.attention_mask.sum(1).tolist()
             toks.extend(tok_sum[:, i, : lens[i]] for i in range(batch.size))
+        del got
         if progress is not None:
             progress(batch.size)
     if not totals:
@@ -217,3 +293,23 @@ def score_batches(
         per_token=toks if per_token else None,
         roles=[tmap[n].role for n in names],
     )
+
+
+def _stream_batch(model: nn.Module, tms: list[TrackedModule], batch: Batch, head: nn.Linear, contract) -> None:
+    """Forward + activation-only backward of the summed next-token loss (data labels) with
+    ``contract(name, a, s)`` called per module as soon as its output gradient ``s`` exists; ``a`` is
+    held only until then."""
+    inputs: dict[str, torch.Tensor] = {}
+
+    def on_input(tm, a):
+        inputs[tm.name] = a
+
+    def on_grad(tm, s):
+        contract(tm.name, inputs.pop(tm.name), s)
+
+    with Recorder(model, tms, append_ones=False, on_input=on_input, on_grad=on_grad) as rec:
+        hidden = last_hidden_state(model, batch)
+        grad, loss = head_gradient(hidden, head, batch, "lm", "empirical", 0, 0)
+        if not torch.isfinite(loss):
+            raise FloatingPointError("a candidate's loss is NaN or infinite: check the pre-trained model and the data")
+        rec.backward(hidden, grad)
