@@ -118,22 +118,24 @@ def record_batch(model: nn.Module, tms, batch: Batch, targets_fn, append_ones: b
     return a, s, logits.detach()
 
 
-def stream_batch(model: nn.Module, tms, batch: Batch, cfg: FitConfig, stream: int, on_input, on_grad) -> None:
-    """One forward + activation-only backward of the curvature loss (labels of :func:`curvature_targets`);
-    ``on_input(tm, a)`` runs in each tracked module's forward hook, ``on_grad(tm, s)`` as soon as the
-    backward has produced that module's output gradient. For registered causal LMs the head's
-    gradient is formed in closed form a chunk of tokens at a time (:func:`head_gradient`), never
-    materialising the ``(B, T, V)`` logits."""
-    head = plain_lm_head(model) if cfg.objective != "classification" else None
+def stream_batch(model: nn.Module, tms, batch: Batch, objective: str, labels: str, seed: int, stream: int,
+                 on_input, on_grad) -> None:
+    """One forward + activation-only backward of the summed loss of ``objective`` with the labels of
+    :func:`curvature_targets` (``labels="empirical"``: the data's own, as for scoring candidates);
+    ``on_input(tm, a)`` runs in each tracked module's forward hook (``a`` without a column of ones),
+    ``on_grad(tm, s)`` as soon as the backward has produced that module's output gradient. For
+    registered causal LMs the head's gradient is formed in closed form a chunk of tokens at a time
+    (:func:`head_gradient`), never materialising the ``(B, T, V)`` logits."""
+    head = plain_lm_head(model) if objective != "classification" else None
     with Recorder(model, tms, append_ones=False, on_input=on_input, on_grad=on_grad) as rec:
         if head is not None:
             hidden = last_hidden_state(model, batch)
-            grad, loss = head_gradient(hidden, head, batch, cfg.objective, cfg.labels, cfg.seed, stream)
+            grad, loss = head_gradient(hidden, head, batch, objective, labels, seed, stream)
             _check_loss(loss, batch)
             rec.backward(hidden, grad)
             return
         logits = model_logits(model, batch)
-        loss = summed_loss(logits, curvature_targets(logits, batch, cfg.objective, cfg.labels, cfg.seed, stream)).sum()
+        loss = summed_loss(logits, curvature_targets(logits, batch, objective, labels, seed, stream)).sum()
         del logits
         _check_loss(loss, batch)
         rec.backward(loss)
@@ -593,7 +595,7 @@ def _run_pass(model, tms, data, cfg: FitConfig, p: _Pass, state: ckpt.PassState,
         for k in range(cfg.samples):
             stream = p.stream + 2 * k
             p.begin_draw(batch)
-            stream_batch(model, tms, batch, cfg, stream, p.on_input, p.on_grad)
+            stream_batch(model, tms, batch, cfg.objective, cfg.labels, cfg.seed, stream, p.on_input, p.on_grad)
             p.end_draw(batch)
         bar.update(batch.size)
         if path is not None and n % every == 0:

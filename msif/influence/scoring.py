@@ -23,10 +23,8 @@ import torch
 from torch import nn
 
 from ..data.encoding import Batch
-from ..curvature.fit import record_batch
-from ..curvature.hooks import Recorder
+from ..curvature.fit import stream_batch
 from ..models.adapters import TrackedModule
-from ..objectives import data_targets, head_gradient, last_hidden_state, plain_lm_head
 
 
 @dataclass
@@ -243,9 +241,9 @@ def score_batches(
     the query vectors ``U`` (module → ``(Q, out, in_dim)``, :class:`Split` or :class:`LowRank`).
 
     Only modules present in ``U`` are contracted; the candidate loss is ``objective`` with data labels.
-    For a registered causal LM with the ``lm`` objective, each module is contracted as soon as its
-    output gradient exists and the head's gradient is formed in closed form, so neither the
-    ``(B, T, V)`` logits nor all modules' ``s`` are ever held at once.
+    Each module is contracted as soon as its output gradient exists (all modules' ``s`` are never held
+    at once), and for a registered causal LM the head's gradient is formed in closed form (no
+    ``(B, T, V)`` logits; :func:`msif.curvature.fit.stream_batch`).
     """
     names = [tm.name for tm in tms if tm.name in U]
     if not names:
@@ -255,7 +253,6 @@ def score_batches(
     Q = _n_queries(U[names[0]])
     dtype = contraction_dtype(model)
     U = {n: _prepare(U[n], tmap[n], dtype) for n in names}  # once, not per batch
-    head = plain_lm_head(model) if objective == "lm" else None
     totals, modules, idx, toks = [], [], [], []
     for batch in batches:
         T = batch.input_ids.shape[1]
@@ -264,13 +261,10 @@ def score_batches(
         def contract(n, a, s):
             got[n] = _contract(a.to(dtype), s.to(dtype), U[n], tmap[n], _order(order, Q, T), per_token)
 
-        if head is not None:
-            _stream_batch(model, sub, batch, head, contract)
-        else:
-            a, s, _ = record_batch(model, sub, batch, lambda logits: data_targets(batch, objective), append_ones=False)
-            for n in names:
-                contract(n, a.pop(n), s.pop(n))
-            del a, s
+        inputs: dict[str, torch.Tensor] = {}  # a module's input, held until its output gradient exists
+        stream_batch(model, sub, batch, objective, "empirical", 0, 0,
+                     lambda tm, a: inputs.__setitem__(tm.name, a), lambda tm, s: contract(tm.name, inputs.pop(tm.name), s))
+        inputs.clear()
         zero = torch.zeros(Q, batch.size, dtype=torch.float64, device=batch.input_ids.device)
         pm = torch.stack([got[n][0].double() if n in got else zero for n in names], -1)  # (Q, B, M)
         modules.append(pm)
@@ -280,7 +274,6 @@ def score_batches(
             tok_sum = sum(got[n][1].double() for n in names if n in got)
             lens = batch.attention_mask.sum(1).tolist()
             toks.extend(tok_sum[:, i, : lens[i]] for i in range(batch.size))
-        del got
         if progress is not None:
             progress(batch.size)
     if not totals:
@@ -294,22 +287,3 @@ def score_batches(
         roles=[tmap[n].role for n in names],
     )
 
-
-def _stream_batch(model: nn.Module, tms: list[TrackedModule], batch: Batch, head: nn.Linear, contract) -> None:
-    """Forward + activation-only backward of the summed next-token loss (data labels) with
-    ``contract(name, a, s)`` called per module as soon as its output gradient ``s`` exists; ``a`` is
-    held only until then."""
-    inputs: dict[str, torch.Tensor] = {}
-
-    def on_input(tm, a):
-        inputs[tm.name] = a
-
-    def on_grad(tm, s):
-        contract(tm.name, inputs.pop(tm.name), s)
-
-    with Recorder(model, tms, append_ones=False, on_input=on_input, on_grad=on_grad) as rec:
-        hidden = last_hidden_state(model, batch)
-        grad, loss = head_gradient(hidden, head, batch, "lm", "empirical", 0, 0)
-        if not torch.isfinite(loss):
-            raise FloatingPointError("a candidate's loss is NaN or infinite: check the pre-trained model and the data")
-        rec.backward(hidden, grad)
