@@ -10,10 +10,12 @@ the adapter, and each stage's peak memory is the sum of what that stage holds at
   every tracked module (kept until its backward hook fires) + one module's per-example work (per-sequence
   gradients, chunked to ``2**26`` elements, and their squares). The eigendecomposition is float64, one
   matrix at a time.
-* **query vectors**: both models + both stages' scoring factors (eigenvectors, eigenvalues, Λ) + the
-  query gradients and their two preconditioned copies.
-* **scoring**: both models + scoring factors + the query vectors ``U`` (dense ``Q·P`` values, or low-rank
-  ``r·(out+in_dim)`` per block) + one batch of candidate activations + per-document results.
+* **query vectors**: both models + both stages' scoring factors (eigenvectors, eigenvalues, Λ) + ``U``
+  + one batch of query gradients + one module's two preconditioned copies.
+* **scoring** (streamed, the factors and fine-tuned model released): the candidate model + the query
+  vectors ``U`` (dense ``Q·P`` values, or low-rank ``r·(out+in_dim)`` per block) + one batch of
+  candidate activations (the head's gradient chunked as in the fit) + one chunk's results; what was
+  released stays resident as far as the batch does not reuse it (glibc keeps freed heap pages).
 * **index**: the sentence-embedding model + one float32 vector per document.
 
 Work is counted in FLOPs (``2·params`` per token forward, the attention products, the statistics'
@@ -42,9 +44,15 @@ LOGIT_CHUNK = 1 << 24  # msif.objectives.LOGIT_CHUNK
 #: block, in units of the hidden size ``d`` (layer-norm inputs, q/k/v before and after the rotary
 #: embedding, attention output, the tracked outputs the hooks hold) plus one MLP width ``f`` (GELU input)
 ACT_PER_TOKEN_D, ACT_PER_TOKEN_F = 11, 1
-#: RSS of the Python + torch + transformers + msif runtime before any model is loaded, measured with
-#: ``/usr/bin/time -v`` on the development machine (torch 2.13 CPU, transformers 5.2; 409 MB)
-CPU_RUNTIME_BYTES = 410 * 2**20
+#: RSS of the Python + torch + transformers + msif runtime, tokenizer and data besides the model's
+#: weights: RSS at the start of `msif fit`'s covariance pass minus the weights, measured on the Pythia-70m
+#: probe (benchmarks/probe.py; 519 MB − 269 MB, torch CPU, transformers 5). The older 410 MB was the
+#: peak of a whole small command, allocator caching included.
+CPU_RUNTIME_BYTES = 250 * 2**20
+#: candidate batches are right-padded to a multiple of this many tokens (msif.influence.attribute.PAD_MULTIPLE)
+PAD_MULTIPLE = 32
+#: documents `msif attribute` reads, tokenises and scores at a time (its --chunk-size default)
+ATTRIBUTE_CHUNK = 1024
 #: elements of per-sequence gradients formed at once (msif.curvature.fit._CHUNK_ELEMS)
 CHUNK_ELEMS = 1 << 26
 #: nominal throughputs (FLOP/s) when not calibrated
@@ -294,28 +302,54 @@ def _query_vector_bytes(shape: ModelShape, s: PlanSettings, Q: int, rank: int | 
     return Q * tot * fb
 
 
+def _largest_module(shape: ModelShape) -> int:
+    return max((m.out * m.in_dim for m in shape.modules), default=0)
+
+
 def query_memory(shape: ModelShape, s: PlanSettings, rank: int | None = None) -> dict[str, int]:
-    """Query gradients and their two preconditioned copies (``P_ft g``, ``P_pt P_ft g``) for all ``Q``
-    queries, or with ``rank``, for one batch of queries at a time beside the ``Q`` low-rank vectors."""
+    """Both models and both stages' scoring factors, the query vectors ``U`` (allocated once, filled
+    module by module), one batch of query gradients (every module, model dtype) and one module's two
+    preconditioned copies (``P_ft g``, ``P_pt P_ft g``), as :meth:`Attributor.make_query_vectors` does."""
     wb, _, fb = _dtypes(shape, s)
-    Q, P = s.queries, shape.tracked_params
-    dense = Q if rank is None else min(Q, s.batch_size)
-    held = 0 if rank is None else _query_vector_bytes(shape, s, Q, rank)
+    Q = s.queries
+    b = min(Q, s.batch_size)
     return {"runtime": _runtime(s), "weights": 2 * shape.n_params * wb, "factors": 2 * factor_bytes(shape, s, scoring=True),
-            "query vectors": dense * P * (wb + 2 * fb) + held,
-            **_activations(shape, min(Q, s.batch_size), s.query_tokens, wb)}
+            "query vectors": _query_vector_bytes(shape, s, Q, rank) + b * shape.tracked_params * wb
+            + 2 * b * _largest_module(shape) * fb,
+            **_activations(shape, b, s.query_tokens, wb)}
+
+
+def _released(shape: ModelShape, s: PlanSettings) -> int:
+    """What `msif attribute` frees once the query vectors exist (``release``): the fine-tuned model (a
+    second copy, also when both are the same folder) and both factor sets."""
+    wb, _, _ = _dtypes(shape, s)
+    return shape.n_params * wb + 2 * factor_bytes(shape, s, scoring=True)
 
 
 def scoring_memory(shape: ModelShape, s: PlanSettings, B: int, rank: int | None) -> dict[str, int]:
+    """Scoring the candidates a chunk at a time (:mod:`msif.influence.stream`) with the pre-trained model.
+
+    Held: runtime, the candidate model, ``U`` and per chunk the running top-k and per-module sums.
+    Per batch: autograd's activations, the head's gradient in chunks of ``LOGIT_CHUNK`` logits (the
+    candidates' loss uses :func:`msif.objectives.head_gradient` too), every tracked input ``a`` until its
+    backward hook, and one module's ``s`` and ``a U`` product. The fine-tuned model and the factors are
+    freed before scoring, but glibc keeps their heap pages and hands them to the batch's transients, so
+    the resident peak is the larger of the two (``released``), not their sum."""
     wb, _, _ = _dtypes(shape, s)
-    T = s.tokens
-    mem = {"runtime": _runtime(s), "weights": 2 * shape.n_params * wb, "factors": 2 * factor_bytes(shape, s, scoring=True),
-           # U, and its weight part made contiguous once for the contraction
-           "query vectors": 2 * _query_vector_bytes(shape, s, s.queries, rank)}
-    mem.update(_activations(shape, B, T, wb))
-    mem["candidate grads s"] = B * T * sum(m.out for m in shape.modules) * wb
-    n = s.candidates or s.documents
-    mem["results"] = n * s.queries * 8 * (2 + len(shape.modules) + T)
+    cb = max(wb, 4)
+    T = -(-s.tokens // PAD_MULTIPLE) * PAD_MULTIPLE  # a batch of similar lengths, padded up
+    if shape.context:
+        T = min(T, shape.context)
+    mem = {"runtime": _runtime(s), "weights": shape.n_params * wb,
+           "query vectors": _query_vector_bytes(shape, s, s.queries, rank)}
+    chunked = shape.model_type in PLAIN_HEAD_TYPES
+    tr = _activations(shape, B, T, wb, chunked=chunked)
+    tr["candidate grads s"] = B * T * max((m.out for m in shape.modules), default=0) * cb * (1 + min(s.queries, 2))
+    n = min(s.candidates or s.documents, ATTRIBUTE_CHUNK)
+    mem["results"] = (n + 10) * s.queries * 8 * (2 + len(shape.modules))
+    mem.update(tr)
+    # freed pages beyond what the batch reuses stay resident
+    mem["freed, kept by the allocator"] = max(0, _released(shape, s) - sum(tr.values()))
     return mem
 
 

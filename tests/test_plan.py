@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from msif.cli import app
 from msif.curvature.fit import FitConfig, fit_factors
 from msif.models.adapters import tracked_modules
-from msif.plan import PlanSettings, factor_bytes, factor_counts, fit_memory, load_shape, make_plan, model_shape
+from msif.plan import (LOGIT_CHUNK, PlanSettings, factor_bytes, factor_counts, fit_memory, load_shape, make_plan, model_shape,
+                       query_memory, scoring_memory)
 
 from helpers import batches, random_lm_examples, tiny_neox, word_tokenizer
 
@@ -88,6 +89,26 @@ def test_memory_grows_with_the_batch_and_rank_is_recommended_when_dense_vectors_
     s.queries, s.device_memory = 500, 8 * 2**30  # 500 dense vectors of 4·P bytes: ~38 GB
     r = make_plan(shape, s)["recommend"]
     assert r["rank"] is not None and r["rank"] >= 1
+
+
+def test_scoring_streams_chunked_logits_and_counts_released_memory_once(tmp_path):
+    cfg = GPTNeoXConfig(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048,
+                        vocab_size=50304, max_position_embeddings=2048)
+    cfg.save_pretrained(tmp_path / "m")
+    s = PlanSettings(model=str(tmp_path / "m"), documents=2000, tokens=190)
+    shape = load_shape(s)
+    sc = scoring_memory(shape, s, 8, None)
+    # the candidates' head gradient is chunked like the fit's: no (B, T, V) logits
+    assert sc["logits"] == 4 * (LOGIT_CHUNK // 50304) * 50304 * 4
+    assert sc["weights"] == shape.n_params * 4  # the fine-tuned model is released before scoring
+    transient = sum(sc[k] for k in ("activations", "logits", "layer inputs a", "candidate grads s"))
+    released = shape.n_params * 4 + 2 * factor_bytes(shape, s, scoring=True)
+    assert transient + sc["freed, kept by the allocator"] == max(transient, released)
+    # streamed in chunks: a larger corpus does not grow the peak
+    big = PlanSettings(model=s.model, documents=1_000_000, tokens=190)
+    assert sum(scoring_memory(shape, big, 8, None).values()) == sum(sc.values())
+    q = query_memory(shape, s)
+    assert q["weights"] == 2 * shape.n_params * 4 and q["factors"] == 2 * factor_bytes(shape, s, scoring=True)
 
 
 def test_cli_prints_a_table_and_valid_json(checkpoint):
