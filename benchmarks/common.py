@@ -46,12 +46,14 @@ def describe(model, args, what: str) -> str:
             f"{args.n} {what} × {args.seq} tokens, batch {args.batch}, {torch.get_num_threads()} threads")
 
 
-def train_pass(model, data) -> None:
+def train_pass(model, data, objective: str = "lm") -> None:
     """The baseline: forward + backward with parameter gradients (a training step without the optimizer)."""
     for b in data:
         model.zero_grad(set_to_none=True)
-        summed_loss(model_logits(model, b), data_targets(b, "lm")).sum().backward()
+        summed_loss(model_logits(model, b), data_targets(b, objective)).sum().backward()
     model.zero_grad(set_to_none=True)
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int) -> float:

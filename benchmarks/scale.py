@@ -102,12 +102,11 @@ def peak(m: dict, device: str) -> int:
 def fit_ratio(model_dir: Path, data: Path, objective: str, n: int, batch: int, device: str, dtype: str) -> dict:
     """Fit time (both passes + eigendecomposition) / one plain training pass over the same batches."""
     import torch
-    from common import timed
+    from common import timed, train_pass
 
     from msif.curvature.fit import FitConfig, fit_factors
     from msif.data.examples import ExampleBatches
     from msif.models.loading import load_model, load_tokenizer
-    from msif.objectives import data_targets, model_logits, summed_loss
 
     model = load_model(str(model_dir), dtype=dtype, device=device)
     tok = load_tokenizer(str(model_dir))
@@ -118,30 +117,25 @@ def fit_ratio(model_dir: Path, data: Path, objective: str, n: int, batch: int, d
             torch.cuda.synchronize()
 
     def train():
-        for b in batches:
-            model.zero_grad(set_to_none=True)
-            summed_loss(model_logits(model, b), data_targets(b, objective)).sum().backward()
-        model.zero_grad(set_to_none=True)
-        sync()
+        train_pass(model, batches, objective)
 
     t_train = timed(train, 1)
     t0 = time.perf_counter()
     fs = fit_factors(model, batches, FitConfig(objective=objective, batch_size=batch), fingerprint="bench")
     sync()
     t_fit = time.perf_counter() - t0
-    del fs, model
+    del fs
     return {"train_pass_s": t_train, "fit_s": t_fit, "ratio": t_fit / t_train}
 
 
 def score_ratio(model_dir: Path, pt: Path, ft: Path, corpus: Path, n: int, batch: int, device: str, dtype: str) -> dict:
     """Candidates scored per second / candidates per second of a training pass over the same documents."""
     import torch
-    from common import timed
+    from common import timed, train_pass
 
     from msif.data.corpus import Corpus
     from msif.influence.attribute import Attributor, Query
     from msif.models.loading import load_model
-    from msif.objectives import data_targets, model_logits, summed_loss
 
     model = load_model(str(model_dir), dtype=dtype, device=device)
     att = Attributor(model, model, str(model_dir), pt_factors=str(pt), ft_factors=str(ft), batch_size=batch, device=device)
@@ -154,11 +148,7 @@ def score_ratio(model_dir: Path, pt: Path, ft: Path, corpus: Path, n: int, batch
             torch.cuda.synchronize()
 
     def train():
-        for b in batches:
-            model.zero_grad(set_to_none=True)
-            summed_loss(model_logits(model, b), data_targets(b, "lm")).sum().backward()
-        model.zero_grad(set_to_none=True)
-        sync()
+        train_pass(model, batches, "lm")
 
     def score():
         att.score(prepared, texts, method="ms-if", per_token=False)

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from ..atomic import atomic_dir
 from ..tensorfile import save_tensors
-from .factors import BlockStats, FactorError, FactorSet
+from .factors import FactorError, FactorSet
 
 CHECKPOINT_VERSION = 1
 _STATE, _TENSORS = "state.json", "tensors.safetensors"
@@ -124,13 +124,7 @@ def load(path: Path, identity: dict, fs: FactorSet, device) -> PassState | None:
         if where == "acc":
             st.acc[rest] = x
             continue
-        kind, name = rest.split("/", 1)
-        if kind == "A_sum":
-            fs.A_sum[name] = x
-        elif kind in ("QA", "eigA", "QS", "eigS"):
-            getattr(fs, kind)[name] = x
-        else:
-            setattr(fs.stats.setdefault(name, BlockStats()), kind, x)
+        fs.set_tensor(rest, x)
     for k, v in state["fs_counts"].items():
         setattr(fs, k, v)
     return st

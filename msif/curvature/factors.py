@@ -360,14 +360,18 @@ class FactorSet:
             x = t.pop(key)
             # own, aligned memory: results then match the fresh factors bit for bit
             x = x.clone() if device is None or torch.device(device).type == "cpu" else x.to(device)
-            kind, name = key.split("/", 1)
-            if kind == "A_sum":
-                fs.A_sum[name] = x
-            elif kind in ("QA", "eigA", "QS", "eigS"):
-                getattr(fs, kind)[name] = x
-            else:
-                setattr(fs.stats.setdefault(name, BlockStats()), kind, x)
+            fs.set_tensor(key, x)
         return fs
+
+    def set_tensor(self, key: str, x: torch.Tensor) -> None:
+        """Put one tensor back by its key of :meth:`_tensors` (``kind/name``)."""
+        kind, name = key.split("/", 1)
+        if kind == "A_sum":
+            self.A_sum[name] = x
+        elif kind in ("QA", "eigA", "QS", "eigS"):
+            getattr(self, kind)[name] = x
+        else:
+            setattr(self.stats.setdefault(name, BlockStats()), kind, x)
 
     # ------------------------------------------------------------------------------ checks
     def check_model(self, fingerprint: str, what: str = "model") -> None:
