@@ -665,11 +665,12 @@ def format_plan(p: dict) -> str:
         parts = ", ".join(f"{k} {_fmt(v)}" for k, v in st["memory"].items() if v)
         lines.append(f"{st['name']}: {parts}" + (f"; {st['note']}" if st["note"] else ""))
     r = p["recommend"]
-    lines += ["", f"for {_fmt(p['device_memory'])} of device memory: fit --batch-size {r['fit_batch_size']}, "
-              f"attribute --batch-size {r['score_batch_size']}, "
-              + (f"--rank {r['rank']}" if r["rank"] else "dense query vectors (no --rank needed)")]
-    if "warning" in r:
-        lines.append("warning: " + r["warning"])
+    if "warning" in r:  # a batch size of 0 or a rank of 0 is no recommendation
+        lines += ["", f"for {_fmt(p['device_memory'])} of device memory: " + r["warning"]]
+    else:
+        lines += ["", f"for {_fmt(p['device_memory'])} of device memory: fit --batch-size {r['fit_batch_size']}, "
+                  f"attribute --batch-size {r['score_batch_size']}, "
+                  + (f"--rank {r['rank']}" if r["rank"] else "dense query vectors (no --rank needed)")]
     return "\n".join(lines)
 
 
