@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..data.encoding import Batch
-from ..curvature.fit import stream_batch
+from ..curvature.fit import compute_dtype, stream_batch
 from ..models.adapters import TrackedModule
 
 
@@ -200,9 +200,6 @@ class Split:
         return Split(self.W[i:j], self.W2[i:j], None if self.b is None else self.b[i:j])
 
 
-_Split = Split
-
-
 def _prepare(U, tm: TrackedModule, dtype):
     if isinstance(U, LowRank):
         return LowRank(U.X.to(dtype).contiguous(), U.Y.to(dtype).contiguous())
@@ -213,7 +210,7 @@ def _prepare(U, tm: TrackedModule, dtype):
         return Split(W, W.view(W.shape[0], -1), None if U.b is None else U.b.to(dtype))
     W, b = _split_bias(U.to(dtype), tm)
     W = W.contiguous()
-    return _Split(W, W.reshape(W.shape[0], -1), None if b is None else b.contiguous())
+    return Split(W, W.reshape(W.shape[0], -1), None if b is None else b.contiguous())
 
 
 def _n_queries(u) -> int:
@@ -223,8 +220,7 @@ def _n_queries(u) -> int:
 def contraction_dtype(model: nn.Module) -> torch.dtype:
     """Dtype of the contractions: the model's, at least float32 (a bf16 / fp16 model's ``a`` and ``s``
     are cast one module at a time)."""
-    dt = next(model.parameters()).dtype
-    return dt if dt in (torch.float32, torch.float64) else torch.float32
+    return compute_dtype(next(model.parameters()).dtype)
 
 
 def score_batches(
