@@ -129,6 +129,7 @@ class ModuleShape:
     in_dim: int
     out: int
     blocks: list[int]  # out_dim of each block
+    bias: bool = False  # in_dim counts the bias column
 
 
 @dataclass
@@ -161,7 +162,8 @@ def model_shape(model, settings: PlanSettings | None = None) -> ModelShape:
     cfg = model.config
     g = lambda *names: next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), None)  # noqa: E731
     hidden = g("hidden_size", "n_embd", "d_model") or 0
-    cfg_dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    # transformers ≥ 4.56 names it ``dtype`` (``torch_dtype`` is a deprecated alias that warns on access)
+    cfg_dtype = vars(cfg).get("dtype") if "dtype" in vars(cfg) else getattr(cfg, "torch_dtype", None)
     dtype = _dtype_name(cfg_dtype) if s.dtype == "auto" and cfg_dtype is not None else (
         "float32" if s.dtype == "auto" else _dtype_name(s.dtype))
     if model.device.type != "meta":
@@ -176,7 +178,8 @@ def model_shape(model, settings: PlanSettings | None = None) -> ModelShape:
         vocab=g("vocab_size") or 0,
         context=g("max_position_embeddings", "n_positions"),
         dtype=dtype,
-        modules=[ModuleShape(t.name, t.role, t.in_dim, t.out_features, [b.out_dim for b in t.blocks]) for t in tms],
+        modules=[ModuleShape(t.name, t.role, t.in_dim, t.out_features, [b.out_dim for b in t.blocks], bool(t.bias))
+                 for t in tms],
     )
 
 
@@ -378,13 +381,16 @@ def train_flops(shape: ModelShape, T: int) -> float:
 
 def _stats_flops(shape: ModelShape, T: int, pass_: str) -> float:
     """Per sequence: covariance products, or (Λ pass) rotations + per-sequence gradients + squares."""
+    from .curvature.fit import gram_flops
+
     tot = 0.0
     for m in shape.modules:
-        cov = 2 * T * (m.in_dim ** 2 + sum(o * o for o in m.blocks))
         if pass_ == "cov":
-            tot += cov
+            tot += gram_flops(T, m.in_dim - m.bias)  # the bias column enters as a sum, not a product
+            tot += sum(gram_flops(T, o) for o in m.blocks)
         else:
-            tot += cov + 2 * T * m.out * m.in_dim + 2 * m.out * m.in_dim
+            rot = 2 * T * (m.in_dim ** 2 + sum(o * o for o in m.blocks))
+            tot += rot + 2 * T * m.out * m.in_dim + 2 * m.out * m.in_dim
     return tot
 
 

@@ -76,7 +76,9 @@ def test_cg_ground_truth_matches_dense_solve_in_value_and_sign():
     X = exact.damped_solve(G, QG.T.contiguous(), lam)
     assert float((res.x - X).norm() / X.norm()) < 1e-7
     S, Sd = res.x.T @ CGr.T, X.T @ CGr.T
-    assert torch.allclose(S, Sd, rtol=1e-6, atol=1e-9 * float(Sd.abs().max()))
+    # the solve is good to 1e-7 relative, so each score is good to ~1e-7 of the largest (not of itself:
+    # a score near zero is a difference of large terms; measured 9e-8 absolute against a max of 37)
+    assert torch.allclose(S, Sd, rtol=1e-6, atol=1e-6 * float(Sd.abs().max()))
     assert float((S * Sd).sum()) > 0  # not the negative iHVP
     # sign: moving θ along −(G+λI)⁻¹∇ℓ(z) (up-weighting z) changes the query loss by ≈ −ε·score
     theta = exact.flat_params(model, tms)
