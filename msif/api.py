@@ -66,6 +66,9 @@ def fit(
     ``prompt``+``answer``; ``text``+``label``), or a re-iterable of :class:`msif.data.encoding.Batch`.
     ``config``: a whole :class:`FitConfig` (then the keyword settings it holds are ignored).
 
+    Under torchrun (``torchrun --nproc-per-node N``), the batches are split across the ranks and their
+    sums reduced (:mod:`msif.distributed`); every rank returns the same factors, rank 0 writes them.
+
     With ``out``, the running sums are checkpointed atomically to ``OUT.checkpoint`` every
     ``checkpoint_every`` batches; a fit killed half-way and run again with the same arguments resumes
     there (``resume=False`` discards the checkpoint) and gives the same factors. The checkpoint is
@@ -75,6 +78,9 @@ def fit(
                               seed=seed, max_examples=max_examples, batch_size=batch_size, generic=generic,
                               samples=samples, refine=refine)
     cfg.validate()
+    from .distributed import barrier, init
+
+    w, device = init(device)  # under torchrun: join the process group, one device per rank
     model, tokenizer, name = _model_and_tokenizer(model, tokenizer, cfg.objective, None, device)
     fingerprint = None
     if dtype is not None:  # the factors belong to the checkpoint's weights, not to their rounded copy
@@ -101,13 +107,15 @@ def fit(
         from .curvature import checkpoint
 
         ck = checkpoint.default_path(out)
-        if not resume and ck.exists():
+        if not resume and ck.exists() and w.main:
             shutil.rmtree(ck)
     fs = fit_factors(model, data, cfg, progress=progress, model_name=model_name or name, fingerprint=fingerprint,
                      checkpoint=ck, checkpoint_every=checkpoint_every, total=total)
     if out is not None:
-        fs.save(out)
-        shutil.rmtree(ck, ignore_errors=True)
+        if w.main:  # every rank holds the same factors; one writes them
+            fs.save(out)
+            shutil.rmtree(ck, ignore_errors=True)
+        barrier("writing the factors")
     return fs
 
 

@@ -69,7 +69,11 @@ class SumDtype(str, Enum):
 
 
 def _fail(msg: str, code: int = 2):
-    console.print(f"[bold red]error:[/] {msg}")
+    from .distributed import world
+
+    w = world()
+    who = "" if not w.active or msg.startswith(w.tag()) else f"{w.tag()}: "
+    console.print(f"[bold red]error:[/] {who}{msg}")
     raise typer.Exit(code)
 
 
@@ -81,11 +85,13 @@ def user_errors(fn):
     def wrapper(*a, **k):
         from .curvature.factors import FactorError
         from .data.encoding import InputError
+        from .distributed import DistributedError
         from .models.adapters import UnsupportedArchitectureError
 
         try:
             return fn(*a, **k)
-        except (InputError, FactorError, UnsupportedArchitectureError, FileNotFoundError, FloatingPointError) as e:
+        except (InputError, FactorError, UnsupportedArchitectureError, FileNotFoundError, FloatingPointError,
+                DistributedError) as e:
             _fail(str(e))
 
     return wrapper
@@ -137,8 +143,10 @@ def fit(
     except ValueError as e:
         _fail(str(e))
     from .data.examples import Fields
+    from .distributed import init
     from .models.loading import load_model, load_tokenizer
 
+    w, device = init(device)  # under torchrun: one process group, one device per rank
     task = "classification" if objective == Objective.classification else "causal_lm"
     m = load_model(model, task=task, device=device)  # the checkpoint's dtype: the fingerprint is of those weights
     tok = load_tokenizer(tokenizer or model)
@@ -147,6 +155,8 @@ def fit(
         max_length=max_length, truncate=truncate, progress=progress, model_name=model, checkpoint_every=checkpoint_every,
         resume=not restart, dtype=dtype.value if dtype else None,
     )
+    if not w.main:
+        return
     console.print(
         f"[green]fitted[/] {strategy.value} factors for {len(fs.blocks)} blocks of {len(fs.modules)} layers on "
         f"{fs.n_examples_cov or fs.n_examples_lambda} examples ({fs.n_tokens} tokens, {fs.dtype}"
@@ -170,10 +180,20 @@ def index(
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Embed CORPUS (streamed) into a persisted FAISS index for candidate selection."""
+    from .distributed import init
     from .retrieval import BM25Index, build_index
 
+    w, dev = init(device or "cpu")  # under torchrun: the ranks embed blocks of rows in turn, rank 0 writes
+    if device is not None:
+        device = dev
+    elif w.active:
+        import torch
+
+        device = f"cuda:{w.local_rank}" if torch.cuda.is_available() else "cpu"
     idx = build_index(str(corpus), out, model=model, index_type=index_type, batch_size=batch_size, text_field=text_field,
                       id_field=id_field, progress=progress, overwrite=overwrite, device=device)
+    if not w.main:
+        return
     if lexical:
         from .data.corpus import Corpus
 
@@ -252,6 +272,9 @@ def attribute(
     from .data.encoding import InputError
     from .influence.attribute import Attributor
 
+    from .distributed import init
+
+    w, device = init(device)  # under torchrun: the candidates are split across the ranks, rank 0 reports
     qs = _read_queries(prompt, answer, label, queries)
     corp = Corpus(str(corpus), text_field=text_field, id_field=id_field)
     if method in (Method.ms_if, Method.ss_if) and finetuned_factors is None:
@@ -302,7 +325,11 @@ def attribute(
         res = att.attribute(prepared, corp, candidates=cand_rows, method=method.value, top=top, rank=rank, chunk_size=chunk_size,
                             scores_out=scores_out, max_memory=budget, dtype=score_dtype, release=True, progress=progress,
                             log=lambda m: console.print(m, markup=False, highlight=False))
+        if res is None:  # not rank 0: its share is merged there
+            return
         results = res.to_json()
+    if not w.main:
+        return
     if as_json:
         print(json.dumps(results, indent=1))
         return
@@ -510,6 +537,7 @@ def plan(
     per_head: bool = typer.Option(True, "--per-head/--per-projection", help="Q/K/V of each head as separate blocks (default), or one block per projection."),
     generic: bool = typer.Option(False, help="Unregistered architecture: track every backbone linear layer."),
     calibrate: bool = typer.Option(False, "--calibrate", help="Load the model (random init without weights) and time real batches instead of a nominal throughput."),
+    world_size: int = typer.Option(1, "--world-size", help="Ranks of a torchrun launch: time per stage split across them (memory is per rank)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
 ):
     """Memory, work and time of every stage (fit pt / ft, query vectors, scoring, index) for MODEL, without loading its weights."""
@@ -523,7 +551,8 @@ def plan(
                      device_memory=None if device_memory is None else int(device_memory * 2**30), seq_len=seq_len,
                      fit_examples=fit_examples, finetune_examples=finetune_examples, finetune_tokens=finetune_tokens,
                      candidates=candidates, strategy=strategy.value, modules=modules.value, stats_dtype=stats_dtype,
-                     factor_dtype=factor_dtype, rank=rank, refine=refine_basis, per_head=per_head, generic=generic)
+                     factor_dtype=factor_dtype, rank=rank, refine=refine_basis, per_head=per_head, generic=generic,
+                     world_size=world_size)
     if device_memory is not None and not device_memory > 0:
         raise InputError(f"--device-memory must be a positive number of GiB, not {device_memory}")
     p = run(s, corpus=None if corpus is None else str(corpus), do_calibrate=calibrate, estimate_tokens=tokens is None)
@@ -534,7 +563,12 @@ def plan(
 
 
 def main():
-    app()
+    from .distributed import shutdown
+
+    try:
+        app()
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

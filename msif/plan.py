@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .data.encoding import InputError
+from .distributed import BUCKET_ELEMS
 
 #: copies of the ``(B, T, V)`` logits alive at once in a backward through the model's own head (logits,
 #: log-softmax saved by cross-entropy, the gradient of the log-softmax output, the gradient of the logits);
@@ -91,9 +92,11 @@ class PlanSettings:
     candidates: int | None = None  # documents scored per query group (default: all)
     generic: bool = False
     runtime_bytes: int | None = None  # resident memory of the runtime before the model (CPU; default measured constant)
+    world_size: int = 1  # ranks (torchrun): data passes, eigendecompositions, scoring and embedding split W ways
 
     def validate(self) -> "PlanSettings":
-        for name in ("documents", "tokens", "queries", "batch_size", "finetune_examples", "finetune_tokens", "query_tokens"):
+        for name in ("documents", "tokens", "queries", "batch_size", "finetune_examples", "finetune_tokens", "query_tokens",
+                     "world_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(self, name)}")
         for name in ("seq_len", "device_memory", "rank", "fit_examples", "candidates"):
@@ -475,18 +478,23 @@ def make_plan(shape: ModelShape, s: PlanSettings, throughput: dict | None = None
     T = seq_len(shape, s)
     n_pt = min(s.fit_examples or s.documents, s.documents)
     stages = []
+    W = s.world_size  # every rank holds the model and the factors: memory is per rank, time is split W ways
+    ranks = f"; per rank, {W} ranks" if W > 1 else ""
     for name, n, t in (("fit pt", n_pt, T), ("fit ft", s.finetune_examples, s.finetune_tokens)):
         w = fit_flops(shape, s, n, t)
         mem = fit_memory(shape, s, s.batch_size, t)
-        stages.append(Stage(name, mem, w["flops"], w["passes"], n, w["flops"] / fit_tp,
-                            note=f"eigendecomposition workspace {_fmt(eig_memory(shape, s))} (float64, one matrix at a time)"))
-    qf = query_flops(shape, s)
+        if W > 1:  # the sums are reduced in flat buckets (a copy of one bucket at a time)
+            c = factor_counts(shape, s.strategy)
+            mem["reduce buckets"] = 2 * min(BUCKET_ELEMS, c["A_sum"] + c["S_sum"] + c["lambda_sum"]) * _dtypes(shape, s)[1]
+        stages.append(Stage(name, mem, w["flops"], w["passes"], n, w["flops"] / fit_tp / W,
+                            note=f"eigendecomposition workspace {_fmt(eig_memory(shape, s))} (float64, one matrix at a time){ranks}"))
+    qf = query_flops(shape, s)  # made on every rank
     stages.append(Stage("query vectors", query_memory(shape, s, s.rank), qf, 1, s.queries, qf / fit_tp))
     sf = scoring_flops(shape, s, s.rank)
     n_c = s.candidates or s.documents
-    stages.append(Stage("scoring", scoring_memory(shape, s, s.batch_size, s.rank), sf, 1, n_c, sf / fit_tp))
+    stages.append(Stage("scoring", scoring_memory(shape, s, s.batch_size, s.rank), sf, 1, n_c, sf / fit_tp / W, note=ranks[2:]))
     ef = 2.0 * EMBEDDER_PARAMS * s.documents * min(s.tokens, EMBED_MAX_TOKENS)
-    stages.append(Stage("index", index_memory(shape, s), ef, 1, s.documents, ef / thr.get("embed", fit_tp)))
+    stages.append(Stage("index", index_memory(shape, s), ef, 1, s.documents, ef / thr.get("embed", fit_tp) / W, note=ranks[2:]))
     budget = s.device_memory or default_device_memory(s.device)
     baseline = train_flops(shape, T) * n_pt / train_tp
     return {

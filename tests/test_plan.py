@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from msif.cli import app
 from msif.curvature.fit import FitConfig, fit_factors
 from msif.models.adapters import tracked_modules
+from msif.data.encoding import InputError
 from msif.plan import (LOGIT_CHUNK, PlanSettings, factor_bytes, factor_counts, fit_memory, load_shape, make_plan, model_shape,
                        query_memory, scoring_memory)
 
@@ -158,3 +159,22 @@ def test_bad_input_is_one_line_and_exit_code_2(checkpoint, tmp_path):
         assert code == 2, (args, out)
         assert needle in out and "Traceback" not in out, (args, out)
         assert len(out.strip().splitlines()) == 1 or out.count("error:") == 1, (args, out)
+
+
+def test_world_size_splits_the_time_and_adds_the_reduce_buckets(tmp_path):
+    cfg = GPTNeoXConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                        vocab_size=1000, max_position_embeddings=256)
+    cfg.save_pretrained(tmp_path / "m")
+    s1 = PlanSettings(model=str(tmp_path / "m"), documents=1000, tokens=100)
+    s4 = PlanSettings(model=str(tmp_path / "m"), documents=1000, tokens=100, world_size=4)
+    shape = load_shape(s1)
+    p1, p4 = ({st["name"]: st for st in make_plan(shape, s)["stages"]} for s in (s1, s4))
+    for name in ("fit pt", "fit ft", "scoring", "index"):
+        assert p4[name]["time_s"] == pytest.approx(p1[name]["time_s"] / 4)
+        assert p4[name]["flops"] == p1[name]["flops"]
+    assert p4["query vectors"]["time_s"] == p1["query vectors"]["time_s"]  # made on every rank
+    c = factor_counts(shape, "ekfac")
+    assert p4["fit pt"]["memory"]["reduce buckets"] == 2 * (c["A_sum"] + c["S_sum"] + c["lambda_sum"]) * 4
+    assert "reduce buckets" not in p1["fit pt"]["memory"]
+    with pytest.raises(InputError, match="world-size"):
+        make_plan(shape, PlanSettings(model="m", world_size=0))

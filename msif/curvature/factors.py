@@ -138,22 +138,32 @@ class FactorSet:
         return self
 
     # ----------------------------------------------------------------------------------- math
-    def eigendecompose(self, dtype: torch.dtype | None = None) -> None:
-        """Eigendecompose ``A`` and ``S`` in float64, one matrix at a time on the sums' device (needs
-        the covariance pass); the eigenvectors and eigenvalues are kept in ``dtype`` (default: the
-        sums' dtype)."""
+    def eigendecompose(self, dtype: torch.dtype | None = None, keys=None) -> None:
+        """Eigendecompose ``A`` and ``S`` in float64 on the sums' device (needs the covariance pass);
+        the eigenvectors and eigenvalues are kept in ``dtype`` (default: the sums' dtype). ``keys``:
+        only these of :meth:`eigen_inputs` (a rank's share in a distributed fit)."""
         if self.n_tokens <= 0:
             raise FactorError("no tokens were seen by the covariance pass; cannot eigendecompose")
 
+        mats = self.eigen_inputs()
+        if keys is not None:
+            mats = {k: mats[k] for k in keys}
+        for key, (ev, Q) in symmetric_eigh(mats, 1.0 / self.n_tokens).items():
+            dt = dtype or mats[key].dtype
+            self.set_eigen(key, ev.clamp_min(0.0).to(dt).contiguous(), Q.to(dt).contiguous())
+
+    def eigen_inputs(self) -> dict[tuple[str, str], torch.Tensor]:
+        """The covariance sums to eigendecompose: ``("A", module)`` and ``("S", block)`` → sum."""
         mats = {("A", m): A for m, A in self.A_sum.items()}
         mats.update({("S", b): st.S_sum for b, st in self.stats.items() if st.S_sum is not None})
-        for (kind, name), (ev, Q) in symmetric_eigh(mats, 1.0 / self.n_tokens).items():
-            dt = dtype or mats[kind, name].dtype
-            ev, Q = ev.clamp_min(0.0).to(dt).contiguous(), Q.to(dt).contiguous()
-            if kind == "A":
-                self.eigA[name], self.QA[name] = ev, Q
-            else:
-                self.eigS[name], self.QS[name] = ev, Q
+        return mats
+
+    def set_eigen(self, key: tuple[str, str], ev: torch.Tensor, Q: torch.Tensor) -> None:
+        kind, name = key
+        if kind == "A":
+            self.eigA[name], self.QA[name] = ev, Q
+        else:
+            self.eigS[name], self.QS[name] = ev, Q
 
     def lambdas(self, block: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The diagonal ``Λ`` ``(out_b, in_dim)`` of the block in its eigenbasis (a new tensor in ``dtype``)."""

@@ -17,7 +17,7 @@ eigendecomposition is always float64; eigenvectors are stored in ``factor_dtype`
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.encoding import Batch
+from ..distributed import broadcast_object, broadcast_tensors, reduce_sums, split_by_cost, world
 from ..models.adapters import tracked_modules
 from ..objectives import (check_objective, curvature_targets, data_targets, head_gradient, last_hidden_state,
                           model_logits, plain_lm_head, summed_loss)
@@ -586,7 +587,9 @@ def fit_factors(
     identity = dict(config=asdict(cfg), fingerprint=fingerprint, blocks=list(fs.blocks), stats_dtype=dt_name(sdt),
                     factor_dtype=dt_name(fdt))
     path = Path(checkpoint) if checkpoint is not None else None
-    state = (ckpt.load(path, identity, fs, device) if path is not None else None) or ckpt.PassState()
+    w = world()
+    progress = progress and w.main
+    state = _resume(path, identity, fs, device)
     if state.stage or state.batches:
         fs.meta["resumed"] = True
         if progress:
@@ -603,19 +606,89 @@ def fit_factors(
                 p.acc, p.counts = state.acc, dict(state.counts) or p.counts
             t0 = time.perf_counter()
             _run_pass(model, tms, data, cfg, p, state, path, identity, checkpoint_every, progress, total, device)
+            reduce_sums(p.acc, p.counts, f"summing the {p.name} over the ranks")
             p.finish()
             key = stages[si].split(":")[0]
             _time(fs, f"{key}_s", time.perf_counter() - t0)
             if stages[si] != "lambda":
                 t0 = time.perf_counter()
-                fs.eigendecompose(fdt)
+                _eigendecompose(fs, fdt)
                 _time(fs, "eigendecomposition_s", time.perf_counter() - t0)
             state = ckpt.PassState(stage=si + 1, data_digest=state.data_digest, timings=dict(fs.meta["timings"]))
-            if path is not None and si + 1 < len(stages):
+            if path is not None and si + 1 < len(stages) and w.main:
                 ckpt.save(path, identity, fs, state)
+        if w.active:
+            fs.meta["world_size"] = w.size
     finally:
         model.train(was_training)
     return fs
+
+
+def _resume(path: Path | None, identity: dict, fs: FactorSet, device) -> ckpt.PassState:
+    """The checkpoint's state (a fresh one without a checkpoint). With several ranks, rank 0 reads it
+    and sends the finished stages' tensors and the state to the others (their own partial sums start
+    empty: rank 0 holds the sums of every batch done, see :func:`_save`), so the nodes need not share
+    a file system and a resume may use another number of ranks."""
+    w = world()
+    if not w.active:
+        return (ckpt.load(path, identity, fs, device) if path is not None else None) or ckpt.PassState()
+    err, state = None, None
+    if w.main and path is not None:
+        try:
+            state = ckpt.load(path, identity, fs, device)
+        except ckpt.ResumeError as e:
+            err = str(e)
+    keys = [(k, tuple(x.shape), x.dtype) for k, x in fs._tensors(cpu=False).items()] if w.main else None
+    head = broadcast_object((err, None if state is None else replace(state, acc={}), keys,
+                             (fs.n_tokens, fs.n_examples_cov, fs.n_examples_lambda)), "reading the fit's checkpoint")
+    err, shared, keys, fs_counts = head
+    if err:
+        raise ckpt.ResumeError(err)
+    if shared is None:
+        return ckpt.PassState()
+    if not w.main:
+        for k, shape, dt in keys:
+            fs.set_tensor(k, torch.empty(shape, dtype=dt, device=device))
+        fs.n_tokens, fs.n_examples_cov, fs.n_examples_lambda = fs_counts
+        state = replace(shared, acc={}, counts={k: 0 for k in shared.counts})
+    tensors = fs._tensors(cpu=False)
+    for dt in sorted({dt for _, _, dt in keys}, key=str):
+        broadcast_tensors([tensors[k] for k, _, d in keys if d == dt], "sending the checkpoint's factors")
+    return state
+
+
+def _save(path: Path, identity: dict, p: _Pass, st: ckpt.PassState) -> None:
+    """Checkpoint the running pass: with several ranks, the partial sums are first summed onto rank 0
+    (which writes) and emptied on the others, so the checkpoint holds every batch done so far."""
+    w = world()
+    reduce_sums(p.acc, p.counts, f"collecting the {p.name}'s sums for a checkpoint", to_main=True)
+    if w.main:
+        ckpt.save(path, identity, p.fs, st)
+
+
+def _eigendecompose(fs: FactorSet, fdt) -> None:
+    """:meth:`FactorSet.eigendecompose`, with several ranks split by cost (``d³``) and broadcast."""
+    w = world()
+    if not w.active:
+        fs.eigendecompose(fdt)
+        return
+    mats = fs.eigen_inputs()
+    keys = sorted(mats)
+    owner = split_by_cost([float(mats[k].shape[-1]) ** 3 for k in keys], w.size)
+    fs.eigendecompose(fdt, keys=[k for k, o in zip(keys, owner) if o == w.rank])
+    for r in range(w.size):
+        theirs = [k for k, o in zip(keys, owner) if o == r]
+        if r != w.rank:
+            for k in theirs:
+                d = mats[k].shape[-1]
+                dt = fdt or mats[k].dtype
+                fs.set_eigen(k, torch.empty(d, dtype=dt, device=mats[k].device),
+                             torch.empty(d, d, dtype=dt, device=mats[k].device))
+        out = []
+        for k in theirs:
+            kind, name = k
+            out += [fs.eigA[name], fs.QA[name]] if kind == "A" else [fs.eigS[name], fs.QS[name]]
+        broadcast_tensors(out, f"sending rank {r}'s eigendecompositions", src=r)
 
 
 def _time(fs: FactorSet, key: str, dt: float) -> None:
@@ -627,6 +700,7 @@ def _run_pass(model, tms, data, cfg: FitConfig, p: _Pass, state: ckpt.PassState,
     """One pass of ``p`` over the batches, skipping the ``state.batches`` already summed (their digest
     checked), with a checkpoint every ``every`` batches."""
     skip, digest = state.batches, ""
+    w = world()
     bar = tqdm(desc=p.name, unit="ex", total=cfg.max_examples or total, disable=not progress)
     n = 0
     for n, batch in enumerate(_batches(data, cfg.max_examples), 1):
@@ -639,17 +713,18 @@ def _run_pass(model, tms, data, cfg: FitConfig, p: _Pass, state: ckpt.PassState,
                 )
             bar.update(batch.size)
             continue
-        _check_batch(batch, cfg.objective)
-        batch = batch.to(device)
-        for k in range(cfg.samples):
-            stream = p.stream + 2 * k
-            p.begin_draw(batch)
-            stream_batch(model, tms, batch, cfg.objective, cfg.labels, cfg.seed, stream, p.on_input, p.on_grad)
-            p.end_draw(batch)
+        _check_batch(batch, cfg.objective)  # on every rank: a bad batch stops all of them at once
+        if w.mine(n - 1):  # batch n-1 (from 0) is this rank's: the split depends on the batch index only
+            batch = batch.to(device)
+            for k in range(cfg.samples):
+                stream = p.stream + 2 * k
+                p.begin_draw(batch)
+                stream_batch(model, tms, batch, cfg.objective, cfg.labels, cfg.seed, stream, p.on_input, p.on_grad)
+                p.end_draw(batch)
         bar.update(batch.size)
         if path is not None and n % every == 0:
-            ckpt.save(path, identity, p.fs, ckpt.PassState(state.stage, n, p.acc, p.counts, digest, state.data_digest,
-                                                           dict(p.fs.meta["timings"])))
+            _save(path, identity, p, ckpt.PassState(state.stage, n, p.acc, p.counts, digest, state.data_digest,
+                                                    dict(p.fs.meta["timings"])))
     bar.close()
     if n < skip:
         raise ckpt.ResumeError(f"the data are shorter than those of the interrupted fit in {path}; rerun with the same "

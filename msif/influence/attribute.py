@@ -26,6 +26,7 @@ from torch import nn
 from ..curvature.factors import FactorError, FactorSet
 from ..curvature.fit import per_example_grads
 from ..data.encoding import Encoded, InputError, collate, encode_classification, encode_prompt, encode_prompt_answer, encode_text, pad_token_id
+from ..distributed import barrier, gather_objects, world
 from ..models.adapters import tracked_modules
 from .scoring import LowRank, ScoreResult, Split, largest_rank, low_rank, query_vector_elements, score_batches
 
@@ -518,21 +519,38 @@ class Attributor:
         if dtype is not None:
             self.candidate_model(method).to(dtype)
         self.held = 0  # most candidates held at once per query (memory bound, for tests)
+        w = world()
         for (rows, qis), U in zip(groups.items(), vectors.values()):
             n = n_docs if rows is None else len(rows)
             first = rows[: min(n, 8)] if rows is not None else list(range(min(n, 8)))
-            self.check_precision(U, method, texts_of(first), log)
+            if w.main:
+                self.check_precision(U, method, texts_of(first), log)
             store = None
             if scores_out is not None:
-                from .stream import ShardStore
-
-                store = ShardStore.open(scores_out, store_inputs, [_query_json(prepared[q]) for q in qis], n, chunk_size)
-            best, absm = self._stream(U, method, corpus, rows, len(qis), min(top, n), chunk_size, store, progress)
-            self.held = max(self.held, best.max_held)
-            self._fill(att, qis, best, absm, U, method, texts_of, ids_of, want_tokens)
+                store = self._open_store(scores_out, store_inputs, [_query_json(prepared[q]) for q in qis], n, chunk_size)
+            best, absm = self._stream(U, method, corpus, rows, len(qis), min(top, n), chunk_size, store, progress and w.main)
+            if store is not None:
+                barrier("finishing the score shards")
+                if w.main:
+                    store.refresh()
+            if w.main:
+                self.held = max(self.held, best.max_held)
+                self._fill(att, qis, best, absm, U, method, texts_of, ids_of, want_tokens)
             del U
         vectors.clear()
-        return att
+        return att if w.main else None
+
+    @staticmethod
+    def _open_store(folder, inputs, queries, n, chunk_size):
+        """The score-shard folder; with several ranks rank 0 creates it first and alone keeps its manifest."""
+        from .stream import ShardStore
+
+        w = world()
+        store = ShardStore.open(folder, inputs, queries, n, chunk_size) if w.main else None
+        barrier("opening the score shards")
+        if not w.main:
+            store = ShardStore.open(folder, inputs, queries, n, chunk_size, writer=False)
+        return store
 
     def _stream(self, U, method, corpus, rows, n_queries, k, chunk_size, store, progress):
         """Top-``k`` per query over the candidates (chunk by chunk) and the sums of |per-module score|."""
@@ -545,11 +563,18 @@ class Attributor:
         best = TopK(n_queries, k)
         absm = None
         cached = {}
+        w = world()
         total = len(corpus) if rows is None else len(rows)
         bar = tqdm(total=total, unit="doc", desc="scoring", file=sys.stderr, disable=not progress, dynamic_ncols=True,
                    smoothing=0.1)
+
+        def skip(i):  # another rank's chunk, or one already in the store: its texts are not read
+            return not w.mine(i) or (store is not None and self._cached(store, i, cached))
+
         try:
-            for chunk in iter_chunks(corpus, rows, chunk_size, skip=lambda i: store is not None and self._cached(store, i, cached)):
+            for chunk in iter_chunks(corpus, rows, chunk_size, skip=skip):
+                if not w.mine(chunk.index):
+                    continue
                 shard = cached.pop(chunk.index, None)
                 if shard is not None and shard["rows"].tolist() == chunk.rows:
                     part_s, part_r, chunk_abs = shard["topk_scores"], shard["topk_rows"], shard["abs_per_module"]
@@ -567,10 +592,19 @@ class Attributor:
                 best.update(part_s, part_r)
                 best.max_held = max(best.max_held, len(chunk.rows) + k)
                 absm = chunk_abs.clone() if absm is None else absm + chunk_abs
-                bar.update(len(chunk.rows))
+                bar.update(min(len(chunk.rows) * w.size, total - bar.n))  # rank 0's share stands for every rank's
         finally:
             bar.close()
-        return best, absm
+        if not w.active:
+            return best, absm
+        parts = gather_objects((best.scores, best.rows, best.max_held, absm), "collecting the ranks' top documents")
+        if not w.main:
+            return None, None
+        position = None if rows is None else {int(r): i for i, r in enumerate(rows)}
+        merged = TopK.merged([(sc, rw) for sc, rw, _, _ in parts], k, position)
+        merged.max_held = max(h for _, _, h, _ in parts)
+        absm = sum(a for *_, a in parts if a is not None)
+        return merged, absm
 
     @staticmethod
     def _cached(store, i, cached) -> bool:

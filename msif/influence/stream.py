@@ -58,6 +58,21 @@ class TopK:
     def best(self, q: int) -> tuple[list[int], list[float]]:
         return self.rows[q].tolist(), self.scores[q].tolist()
 
+    @classmethod
+    def merged(cls, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int, position: dict[int, int] | None = None) -> "TopK":
+        """One top-``k`` from several ``(scores (Q, n_i), rows (Q, n_i))`` over disjoint candidates (the
+        ranks' shares), with the ties of one pass over all candidates in order: equal scores keep the
+        earlier candidate (``position[row]``, or the row itself) first."""
+        out = cls(parts[0][0].shape[0], k)
+        s = torch.cat([p[0] for p in parts], 1)
+        r = torch.cat([p[1] for p in parts], 1)
+        pos = r if position is None else r.clone().apply_(lambda x: position[x])
+        by_pos = torch.sort(pos, dim=1, stable=True).indices
+        s, r = s.gather(1, by_pos), r.gather(1, by_pos)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+        out.scores, out.rows = s.gather(1, order), r.gather(1, order)
+        return out
+
 
 # ----------------------------------------------------------------------------------- chunk source
 @dataclass
@@ -110,12 +125,14 @@ class ShardStore:
     n_docs: int
     chunk_size: int
     shards: list[str] = field(default_factory=list)
+    writer: bool = True  # keeps the manifest (with several ranks: rank 0 only, see :meth:`refresh`)
 
     @classmethod
-    def open(cls, folder, inputs: dict, queries: list[dict], n_docs: int, chunk_size: int) -> "ShardStore":
-        """Create the folder, or reopen one written with the same inputs (else InputError)."""
+    def open(cls, folder, inputs: dict, queries: list[dict], n_docs: int, chunk_size: int, writer: bool = True) -> "ShardStore":
+        """Create the folder, or reopen one written with the same inputs (else InputError).
+        ``writer=False``: another process keeps the manifest (this one only adds shards)."""
         folder = Path(folder)
-        store = cls(folder, inputs, queries, n_docs, chunk_size)
+        store = cls(folder, inputs, queries, n_docs, chunk_size, writer=writer)
         mpath = folder / MANIFEST
         if mpath.exists():
             try:
@@ -131,9 +148,14 @@ class ShardStore:
         elif folder.exists() and any(folder.iterdir()):
             raise InputError(f"{folder} exists and holds no msif scores manifest; pass a new --scores-out folder")
         folder.mkdir(parents=True, exist_ok=True)
-        store.shards = [p.name for p in sorted(folder.glob("shard-*.safetensors"))]
-        store._write_manifest()
+        store.refresh()
         return store
+
+    def refresh(self) -> None:
+        """List the shards on disk (every rank's) in the manifest."""
+        self.shards = [p.name for p in sorted(self.folder.glob("shard-*.safetensors"))]
+        if self.writer:
+            self._write_manifest()
 
     def path(self, i: int) -> Path:
         return self.folder / f"shard-{i:05d}.safetensors"
@@ -165,7 +187,8 @@ class ShardStore:
         if p.name not in self.shards:
             self.shards.append(p.name)
             self.shards.sort()
-        self._write_manifest()
+        if self.writer:
+            self._write_manifest()
 
     def _write_manifest(self) -> None:
         m = {"format": SHARD_FORMAT, "fingerprint": fingerprint(self.inputs), "inputs": self.inputs,

@@ -42,6 +42,7 @@ import numpy as np
 
 from msif.data.corpus import Corpus, fingerprints_match, open_corpus
 from msif.data.encoding import InputError
+from msif.distributed import barrier, broadcast_object, gather_objects, world
 from msif.retrieval.common import (
     Hits,
     StoredIndexError,
@@ -524,7 +525,8 @@ def build_index(
         resume: continue an interrupted build of the same corpus and model from ``.<name>.partial``.
 
     Duplicate doc ids are rejected before any embedding work. Returns the loaded
-    :class:`VectorIndex`.
+    :class:`VectorIndex`. Under torchrun the ranks embed blocks of rows in turn and rank 0 writes
+    everything (the same index as one process); the other ranks return ``None``.
     """
     from msif.retrieval.embed import as_encoder
 
@@ -540,8 +542,75 @@ def build_index(
     stamp = {"corpus": fp["sample_sha256"], "n": n, "model": getattr(encoder, "name", None), "dim": d}
 
     tmp = _tmp_dir(out_dir)
-    done = 0
     progress_path = tmp / _PROGRESS_FILE
+    w = world()
+    # rank 0 alone owns the partial folder: it finds where an interrupted build stopped, writes the ids and
+    # every embedding; the ranks embed blocks of rows in turn and send them to it
+    err, done, emb = None, 0, None
+    if w.main:
+        try:
+            done, emb = _open_partial(tmp, corpus, stamp, n, d, resume)
+        except (InputError, StoredIndexError) as e:
+            err = e
+    err, done = broadcast_object((err, done), "starting the index build")
+    if err is not None:
+        raise err
+    bar = None
+    if progress and w.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=done, unit="doc", desc="embedding corpus")
+    # rows per unit of work: whole batches (so every rank embeds the batches one process would), at most
+    # 16k, and small enough that a small corpus still gives every rank a share
+    per_rank = -(-(n - done) // (w.size * batch_size))
+    block = batch_size * max(1, min(-(-16_384 // batch_size), per_rank))
+    starts = list(range(done, n, block))
+    for first in range(0, len(starts), w.size):
+        part = None
+        if first + w.rank < len(starts):
+            lo = starts[first + w.rank]
+            hi = min(lo + block, n)
+            vecs = [encoder.encode(b.texts, batch_size=batch_size) for b in corpus.iter_batches(batch_size, start=lo, limit=hi - lo)]
+            part = (lo, np.concatenate(vecs).astype(np.float32, copy=False))
+        parts = gather_objects(part, "collecting the ranks' embeddings")
+        if not w.main:
+            continue
+        for lo, vec in (q for q in parts if q is not None):
+            emb[lo : lo + len(vec)] = vec
+            if bar is not None:
+                bar.update(len(vec))
+        emb.flush()
+        done = min(n, starts[min(first + w.size, len(starts)) - 1] + block)
+        write_json_atomic(progress_path, {"stamp": stamp, "rows_done": done})
+    if bar is not None:
+        bar.close()
+    if not w.main:
+        barrier("writing the index")
+        return None
+    emb.flush()
+
+    model_meta = {
+        "name": getattr(encoder, "name", None),
+        "dim": d,
+        "normalized": True,
+        "max_seq_length": getattr(encoder, "max_seq_length", None),
+    }
+    idx = _finish(
+        tmp, out_dir, emb,
+        index_type=index_type, index_params=index_params, model_meta=model_meta, corpus_meta=fp,
+        target_recall=target_recall, calibration_k=calibration_k, calibration_queries=256,
+        seed=seed, progress=progress, keep_embeddings=keep_embeddings, encoder=encoder,
+    )  # fmt: skip
+    barrier("writing the index")
+    return idx
+
+
+def _open_partial(tmp: Path, corpus: Corpus, stamp: dict, n: int, d: int, resume: bool):
+    """``(rows already embedded, the embeddings memmap)`` of the partial build in ``tmp``: an interrupted
+    build of the same corpus and model is continued, anything else started over (ids written first, so
+    that duplicate ids fail before the expensive part)."""
+    progress_path = tmp / _PROGRESS_FILE
+    done = 0
     if resume and progress_path.is_file():
         try:
             state = json.loads(progress_path.read_text())
@@ -552,7 +621,6 @@ def build_index(
     if done == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        # pass 1: ids (rejects duplicates before the expensive part); row numbers need no reading
         if corpus.has_ids:
             id_batches = (b.ids for b in corpus.iter_batches(8192, field=None, check_ids=True))
         else:
@@ -560,42 +628,11 @@ def build_index(
         _write_ids(tmp / IDS_FILE, id_batches)
         emb = np.lib.format.open_memmap(tmp / _EMB_FILE, mode="w+", dtype=np.float32, shape=(n, d))
         write_json_atomic(progress_path, {"stamp": stamp, "rows_done": 0})
-    else:
-        emb = np.load(tmp / _EMB_FILE, mmap_mode="r+")
-        if emb.shape != (n, d):
-            raise StoredIndexError(f"partial build {str(tmp)!r} has embeddings of shape {emb.shape}, expected {(n, d)}; delete it.")
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, initial=done, unit="doc", desc="embedding corpus")
-    last_flush = done
-    for b in corpus.iter_batches(batch_size, start=done):
-        emb[b.start : b.start + len(b)] = encoder.encode(b.texts, batch_size=batch_size)
-        done = b.start + len(b)
-        if done - last_flush >= 16_384 or done == n:
-            emb.flush()
-            write_json_atomic(progress_path, {"stamp": stamp, "rows_done": done})
-            last_flush = done
-        if bar is not None:
-            bar.update(len(b))
-    if bar is not None:
-        bar.close()
-    emb.flush()
-
-    model_meta = {
-        "name": getattr(encoder, "name", None),
-        "dim": d,
-        "normalized": True,
-        "max_seq_length": getattr(encoder, "max_seq_length", None),
-    }
-    return _finish(
-        tmp, out_dir, emb,
-        index_type=index_type, index_params=index_params, model_meta=model_meta, corpus_meta=fp,
-        target_recall=target_recall, calibration_k=calibration_k, calibration_queries=256,
-        seed=seed, progress=progress, keep_embeddings=keep_embeddings, encoder=encoder,
-    )  # fmt: skip
+        return 0, emb
+    emb = np.load(tmp / _EMB_FILE, mmap_mode="r+")
+    if emb.shape != (n, d):
+        raise StoredIndexError(f"partial build {str(tmp)!r} has embeddings of shape {emb.shape}, expected {(n, d)}; delete it.")
+    return done, emb
 
 
 # --------------------------------------------------------------------------------------------------
