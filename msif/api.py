@@ -57,6 +57,7 @@ def fit(
     resume: bool = True,
     dtype=None,
     device: str = "cpu",
+    fsdp: bool = False,
 ) -> FactorSet:
     """Fit curvature factors of ``model`` on ``data`` and (if ``out``) save them atomically.
 
@@ -68,6 +69,8 @@ def fit(
 
     Under torchrun (``torchrun --nproc-per-node N``), the batches are split across the ranks and their
     sums reduced (:mod:`msif.distributed`); every rank returns the same factors, rank 0 writes them.
+    ``fsdp``: also shard the model's weights across the ranks (FSDP2), for models that do not fit one
+    device; load it on the CPU, it is moved to ``device`` shard by shard.
 
     With ``out``, the running sums are checkpointed atomically to ``OUT.checkpoint`` every
     ``checkpoint_every`` batches; a fit killed half-way and run again with the same arguments resumes
@@ -83,13 +86,18 @@ def fit(
     w, device = init(device)  # under torchrun: join the process group, one device per rank
     model, tokenizer, name = _model_and_tokenizer(model, tokenizer, cfg.objective, None, device)
     fingerprint = None
-    if dtype is not None:  # the factors belong to the checkpoint's weights, not to their rounded copy
+    if dtype is not None or fsdp:  # the factors belong to the checkpoint's weights, not to a rounded or sharded copy
         from .models.adapters import tracked_modules
         from .models.loading import model_fingerprint, parse_dtype
 
         fingerprint = model_fingerprint(model, tracked_modules(model, per_head=cfg.per_head, modules=cfg.modules,
                                                                generic=cfg.generic))
-        model = model.to(parse_dtype(dtype))
+        if dtype is not None:
+            model = model.to(parse_dtype(dtype))
+    if fsdp:
+        from .distributed import shard_model
+
+        model = shard_model(model, device)
     total = None
     if isinstance(data, (str, os.PathLike)):
         if tokenizer is None:

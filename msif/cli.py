@@ -128,6 +128,7 @@ def fit(
     checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Write the running sums to OUT.checkpoint every N batches; a killed fit rerun with the same command resumes there."),
     restart: bool = typer.Option(False, "--restart", help="Discard OUT.checkpoint of an interrupted fit and start over."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the model's weights across the ranks (FSDP2) for a model that does not fit one device (loaded on the CPU first)."),
 ):
     """Fit EK-FAC (or K-FAC / diagonal / identity) curvature factors of MODEL on DATA."""
     from . import api
@@ -148,12 +149,13 @@ def fit(
 
     w, device = init(device)  # under torchrun: one process group, one device per rank
     task = "classification" if objective == Objective.classification else "causal_lm"
-    m = load_model(model, task=task, device=device)  # the checkpoint's dtype: the fingerprint is of those weights
+    # the checkpoint's dtype: the fingerprint is of those weights; with --fsdp on the CPU, sharded onto the device
+    m = load_model(model, task=task, device="cpu" if fsdp else device)
     tok = load_tokenizer(tokenizer or model)
     fs = api.fit(
         m, str(data), out=out, tokenizer=tok, config=cfg, fields=Fields(text_field, prompt_field, answer_field, label_field),
         max_length=max_length, truncate=truncate, progress=progress, model_name=model, checkpoint_every=checkpoint_every,
-        resume=not restart, dtype=dtype.value if dtype else None,
+        resume=not restart, dtype=dtype.value if dtype else None, device=device, fsdp=fsdp,
     )
     if not w.main:
         return

@@ -277,3 +277,54 @@ def split_by_cost(costs: list[float], size: int) -> list[int]:
         owner[i] = r
         load[r] += costs[i]
     return owner
+
+
+# --------------------------------------------------------------------------------------- FSDP
+def shard_model(model, device: str = "cpu"):
+    """Shard ``model``'s weights across the ranks with FSDP2 (``fully_shard``): each transformer block
+    (the classes in ``model._no_split_modules``), the backbone (embeddings, final norm), the output head,
+    then the root. Only the weights are sharded: a tracked layer's inputs and output gradients stay
+    whole, so the fit's hooks see exactly what they see in one process. Fingerprint the model before
+    calling this (the weights become ``DTensor`` shards)."""
+    from .data.encoding import InputError
+
+    if not _WORLD.active:
+        raise InputError("--fsdp shards the model across ranks: launch with torchrun and more than one process")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    if not blocks:
+        raise InputError(f"{type(model).__name__} names no transformer block class (_no_split_modules), so msif "
+                         "cannot choose FSDP units for it; run without --fsdp")
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        raise InputError("--fsdp does not support tied input and output embeddings yet (the head's weight would "
+                         "belong to two FSDP units); run without --fsdp")
+    base = model.base_model
+    if base is model:
+        raise InputError(f"--fsdp needs a model with a head on a backbone, not the bare {type(model).__name__}")
+    mesh = init_device_mesh("cuda" if str(device).startswith("cuda") else "cpu", (_WORLD.size,))
+    for mod in list(model.modules()):
+        if type(mod).__name__ in blocks:
+            fully_shard(mod, mesh=mesh)
+    fully_shard(base, mesh=mesh)
+    if head is not None:
+        fully_shard(head, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model._msif_head_unit = head  # its weight is gathered around the closed-form head gradient
+    return model
+
+
+@contextmanager
+def unsharded(module):
+    """The whole weights of an FSDP2 unit for use outside its own forward (``module`` ``None`` or not
+    sharded: nothing happens)."""
+    if module is None or not hasattr(module, "unshard"):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.encoding import Batch
-from ..distributed import broadcast_object, broadcast_tensors, reduce_sums, split_by_cost, world
+from ..distributed import broadcast_object, broadcast_tensors, reduce_sums, split_by_cost, unsharded, world
 from ..models.adapters import tracked_modules
 from ..objectives import (check_objective, curvature_targets, data_targets, head_gradient, last_hidden_state,
                           model_logits, plain_lm_head, summed_loss)
@@ -131,7 +131,8 @@ def stream_batch(model: nn.Module, tms, batch: Batch, objective: str, labels: st
     with Recorder(model, tms, append_ones=False, on_input=on_input, on_grad=on_grad) as rec:
         if head is not None:
             hidden = last_hidden_state(model, batch)
-            grad, loss = head_gradient(hidden, head, batch, objective, labels, seed, stream)
+            with unsharded(getattr(model, "_msif_head_unit", None)):  # FSDP: the head's whole weight
+                grad, loss = head_gradient(hidden, head, batch, objective, labels, seed, stream)
             _check_loss(loss, batch)
             rec.backward(hidden, grad)
             return
@@ -701,8 +702,11 @@ def _run_pass(model, tms, data, cfg: FitConfig, p: _Pass, state: ckpt.PassState,
     checked), with a checkpoint every ``every`` batches."""
     skip, digest = state.batches, ""
     w = world()
+    # FSDP: every forward all-gathers weights from every rank, so the ranks must run in rounds of one batch
+    # each, with checkpoints (collectives of their own) only between rounds
+    sharded = getattr(model, "_msif_head_unit", None) is not None and w.active
     bar = tqdm(desc=p.name, unit="ex", total=cfg.max_examples or total, disable=not progress)
-    n = 0
+    n, last_save, batch = 0, skip, None
     for n, batch in enumerate(_batches(data, cfg.max_examples), 1):
         digest = ckpt.chain_digest(digest, batch)
         if n <= skip:
@@ -714,7 +718,7 @@ def _run_pass(model, tms, data, cfg: FitConfig, p: _Pass, state: ckpt.PassState,
             bar.update(batch.size)
             continue
         _check_batch(batch, cfg.objective)  # on every rank: a bad batch stops all of them at once
-        if w.mine(n - 1):  # batch n-1 (from 0) is this rank's: the split depends on the batch index only
+        if w.mine(n - 1 - skip):  # in turn from where this pass (re)starts: the split depends on the batch index only
             batch = batch.to(device)
             for k in range(cfg.samples):
                 stream = p.stream + 2 * k
@@ -722,9 +726,16 @@ def _run_pass(model, tms, data, cfg: FitConfig, p: _Pass, state: ckpt.PassState,
                 stream_batch(model, tms, batch, cfg.objective, cfg.labels, cfg.seed, stream, p.on_input, p.on_grad)
                 p.end_draw(batch)
         bar.update(batch.size)
-        if path is not None and n % every == 0:
+        due = n % every == 0 if not sharded else ((n - skip) % w.size == 0 and n - last_save >= every)
+        if path is not None and due:
             _save(path, identity, p, ckpt.PassState(state.stage, n, p.acc, p.counts, digest, state.data_digest,
                                                     dict(p.fs.meta["timings"])))
+            last_save = n
+    short = (n - skip) % w.size
+    if sharded and short and w.rank >= short and batch is not None:
+        # the last round is short: this rank's forward/backward still has to take part in the all-gathers
+        stream_batch(model, tms, batch.to(device), cfg.objective, cfg.labels, cfg.seed, p.stream,
+                     lambda tm, a: None, lambda tm, s: None)
     bar.close()
     if n < skip:
         raise ckpt.ResumeError(f"the data are shorter than those of the interrupted fit in {path}; rerun with the same "
