@@ -25,6 +25,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+from .data.encoding import InputError
 
 TIMEOUT_ENV = "MSIF_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
@@ -76,7 +79,7 @@ def timeout_s() -> float:
     try:
         return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV} must be a number of seconds, not {os.environ[TIMEOUT_ENV]!r}") from None
+        raise InputError(f"{TIMEOUT_ENV} must be a number of seconds, not {os.environ[TIMEOUT_ENV]!r}") from None
 
 
 def init(device: str = "cpu") -> tuple[World, str]:
@@ -88,13 +91,11 @@ def init(device: str = "cpu") -> tuple[World, str]:
     global _WORLD
     if not launched():
         return _WORLD, device
-    import torch.distributed as dist
-
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = str(device).startswith("cuda")
     if cuda:
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but this machine has no CUDA device")
+            raise InputError("--device cuda was asked for, but this machine has no CUDA device; use --device cpu")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
@@ -106,8 +107,6 @@ def init(device: str = "cpu") -> tuple[World, str]:
 def shutdown() -> None:
     """Leave the process group (after the last collective)."""
     global _WORLD
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _WORLD = World()
@@ -130,8 +129,6 @@ def collective(what: str):
 
 
 def _device_of(tensors) -> torch.device:
-    import torch.distributed as dist
-
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -140,8 +137,6 @@ def _device_of(tensors) -> torch.device:
 def _agree_on_keys(acc: dict[str, torch.Tensor], what: str) -> list[tuple[str, tuple, str]]:
     """The union over ranks of ``acc``'s ``(key, shape, dtype)`` in one order (a rank may lack a key:
     a block that received no gradient in its share of the data)."""
-    import torch.distributed as dist
-
     mine = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in acc.items()}
     every = [None] * _WORLD.size
     with collective(what):
@@ -176,8 +171,6 @@ def reduce_sums(acc: dict[str, torch.Tensor], counts: dict[str, int], what: str,
     counts them once). Keys some ranks lack count as zeros there."""
     if not _WORLD.active:
         return
-    import torch.distributed as dist
-
     keys = _agree_on_keys(acc, what)
     dev = _device_of(acc.values())
     for bucket in _buckets(keys):
@@ -187,11 +180,7 @@ def reduce_sums(acc: dict[str, torch.Tensor], counts: dict[str, int], what: str,
             x = acc.get(k)
             parts.append(torch.zeros(shape, dtype=dtype, device=dev) if x is None else x.to(dev).reshape(-1))
         flat = torch.cat([p.reshape(-1) for p in parts])
-        with collective(what):
-            if to_main:
-                dist.reduce(flat, dst=0)
-            else:
-                dist.all_reduce(flat)
+        _sum(flat, to_main, what)
         if to_main and not _WORLD.main:
             continue
         at = 0
@@ -202,11 +191,7 @@ def reduce_sums(acc: dict[str, torch.Tensor], counts: dict[str, int], what: str,
             at += size
     names = sorted(counts)
     c = torch.tensor([int(counts[n]) for n in names], dtype=torch.long, device=dev)
-    with collective(what):
-        if to_main:
-            dist.reduce(c, dst=0)
-        else:
-            dist.all_reduce(c)
+    _sum(c, to_main, what)
     if to_main and not _WORLD.main:
         acc.clear()
         for n in names:
@@ -216,12 +201,18 @@ def reduce_sums(acc: dict[str, torch.Tensor], counts: dict[str, int], what: str,
         counts[n] = v
 
 
+def _sum(x: torch.Tensor, to_main: bool, what: str) -> None:
+    with collective(what):
+        if to_main:
+            dist.reduce(x, dst=0)
+        else:
+            dist.all_reduce(x)
+
+
 def broadcast_object(obj, what: str, src: int = 0):
     """``obj`` of rank ``src`` on every rank (small, picklable things: states, key lists, errors)."""
     if not _WORLD.active:
         return obj
-    import torch.distributed as dist
-
     box = [obj if _WORLD.rank == src else None]
     with collective(what):
         dist.broadcast_object_list(box, src=src, device=_device_of(()))
@@ -232,8 +223,6 @@ def broadcast_tensors(tensors: list[torch.Tensor], what: str, src: int = 0) -> N
     """Fill ``tensors`` (same shapes and dtypes on every rank, one dtype) in place with rank ``src``'s."""
     if not _WORLD.active or not tensors:
         return
-    import torch.distributed as dist
-
     dev = _device_of(tensors)
     flat = torch.cat([t.to(dev).reshape(-1) for t in tensors])
     with collective(what):
@@ -251,8 +240,6 @@ def gather_objects(obj, what: str) -> list | None:
     """Every rank's ``obj`` on rank 0 (in rank order), ``None`` elsewhere."""
     if not _WORLD.active:
         return [obj]
-    import torch.distributed as dist
-
     out = [None] * _WORLD.size if _WORLD.main else None
     with collective(what):
         dist.gather_object(obj, out, dst=0)
@@ -262,8 +249,6 @@ def gather_objects(obj, what: str) -> list | None:
 def barrier(what: str) -> None:
     if not _WORLD.active:
         return
-    import torch.distributed as dist
-
     with collective(what):
         dist.barrier()
 
@@ -286,8 +271,6 @@ def shard_model(model, device: str = "cpu"):
     then the root. Only the weights are sharded: a tracked layer's inputs and output gradients stay
     whole, so the fit's hooks see exactly what they see in one process. Fingerprint the model before
     calling this (the weights become ``DTensor`` shards)."""
-    from .data.encoding import InputError
-
     if not _WORLD.active:
         raise InputError("--fsdp shards the model across ranks: launch with torchrun and more than one process")
     from torch.distributed.device_mesh import init_device_mesh
