@@ -565,10 +565,14 @@ def plan(
 
 
 def main():
-    from .distributed import shutdown
+    from .distributed import broken, exit_now, shutdown
 
     try:
         app()
+    except SystemExit as e:
+        if broken():  # a collective failed (its message is printed): leave without the group's destructors
+            exit_now(e.code if isinstance(e.code, int) and e.code else 1)
+        raise
     finally:
         shutdown()
 

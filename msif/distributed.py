@@ -63,6 +63,7 @@ class World:
 
 
 _WORLD = World()
+_BROKEN = False  # a collective failed: the group cannot be torn down cleanly any more
 
 
 def world() -> World:
@@ -104,12 +105,28 @@ def init(device: str = "cpu") -> tuple[World, str]:
     return _WORLD, device
 
 
+def broken() -> bool:
+    """A collective has failed in this process (see :func:`exit_now`)."""
+    return _BROKEN
+
+
 def shutdown() -> None:
-    """Leave the process group (after the last collective)."""
+    """Leave the process group (after the last collective; not after a failed one, see :func:`exit_now`)."""
     global _WORLD
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _BROKEN:
         dist.destroy_process_group()
     _WORLD = World()
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` after a failed collective, without running the process group's
+    destructors: with a peer gone they abort the process (SIGABRT, "terminate called without an active
+    exception") after the error was printed."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextmanager
@@ -120,6 +137,8 @@ def collective(what: str):
     except DistributedError:
         raise
     except RuntimeError as e:  # torch.distributed.DistBackendError is a RuntimeError
+        global _BROKEN
+        _BROKEN = True
         cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedError(
             f"{_WORLD.tag()}: {what} failed ({cause[:300]}): another rank stopped (see its own message above) or did "

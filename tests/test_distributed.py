@@ -185,15 +185,15 @@ def test_two_rank_index_equals_one_rank(corpus, tmp_path):
 WORKER = textwrap.dedent(
     """
     import os, sys, torch
-    from msif.distributed import DistributedError, init, reduce_sums
+    from msif.distributed import DistributedError, broken, exit_now, init, reduce_sums
     w, _ = init("cpu")
     if w.rank == 1:
         os._exit(0)  # gone without a word, before the collective
     try:
         reduce_sums({"x": torch.ones(3)}, {"examples": 1}, "summing the test's sums")
     except DistributedError as e:
-        print("CAUGHT", e, flush=True)
-        sys.exit(3)
+        print("CAUGHT", e, "broken:", broken(), flush=True)
+        exit_now(3)  # as the CLI does: the group's destructors would abort with the peer gone
     print("NO ERROR", flush=True)
     """
 )
@@ -213,7 +213,7 @@ def test_a_collective_without_its_peer_fails_naming_the_rank(tmp_path):
     procs[1].communicate(timeout=30)
     assert procs[0].returncode == 3, out0
     assert "CAUGHT rank 0 of 2: summing the test's sums failed" in out0
-    assert "rerunning the same command resumes" in out0
+    assert "rerunning the same command resumes" in out0 and "broken: True" in out0
 
 
 def test_fsdp_two_rank_fit_equals_one_rank(checkpoint, corpus, one_rank_factors, tmp_path):  # noqa: F811
