@@ -147,7 +147,8 @@ def collective(what: str):
         ) from None
 
 
-def _device_of(tensors) -> torch.device:
+def _device() -> torch.device:
+    """Where the collectives' buffers live: the rank's GPU for nccl, else the CPU."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -191,7 +192,7 @@ def reduce_sums(acc: dict[str, torch.Tensor], counts: dict[str, int], what: str,
     if not _WORLD.active:
         return
     keys = _agree_on_keys(acc, what)
-    dev = _device_of(acc.values())
+    dev = _device()
     for bucket in _buckets(keys):
         dtype = getattr(torch, bucket[0][2])
         parts = []
@@ -234,25 +235,29 @@ def broadcast_object(obj, what: str, src: int = 0):
         return obj
     box = [obj if _WORLD.rank == src else None]
     with collective(what):
-        dist.broadcast_object_list(box, src=src, device=_device_of(()))
+        dist.broadcast_object_list(box, src=src, device=_device())
     return box[0]
 
 
 def broadcast_tensors(tensors: list[torch.Tensor], what: str, src: int = 0) -> None:
-    """Fill ``tensors`` (same shapes and dtypes on every rank, one dtype) in place with rank ``src``'s."""
+    """Fill ``tensors`` (same shapes and dtypes on every rank, one dtype) in place with rank ``src``'s,
+    in flat buckets of at most :data:`BUCKET_ELEMS` elements (a whole factor set is never copied at once)."""
     if not _WORLD.active or not tensors:
         return
-    dev = _device_of(tensors)
-    flat = torch.cat([t.to(dev).reshape(-1) for t in tensors])
-    with collective(what):
-        dist.broadcast(flat, src=src)
-    if _WORLD.rank == src:
-        return
-    at = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[at : at + n].reshape(t.shape))
-        at += n
+    dev = _device()
+    keys = [(i, tuple(t.shape), str(t.dtype)) for i, t in enumerate(tensors)]
+    for bucket in _buckets(keys):
+        group = [tensors[i] for i, _, _ in bucket]
+        flat = torch.cat([t.to(dev).reshape(-1) for t in group])
+        with collective(what):
+            dist.broadcast(flat, src=src)
+        if _WORLD.rank == src:
+            continue
+        at = 0
+        for t in group:
+            n = t.numel()
+            t.copy_(flat[at : at + n].reshape(t.shape))
+            at += n
 
 
 def gather_objects(obj, what: str) -> list | None:

@@ -236,3 +236,14 @@ def test_fsdp_two_rank_fit_equals_one_rank(checkpoint, corpus, one_rank_factors,
 def test_fsdp_without_torchrun_is_one_clear_line(checkpoint, corpus, tmp_path):  # noqa: F811
     code, text = run("fit", checkpoint / "lm", corpus, "--out", tmp_path / "f", "--fsdp", "--no-progress")
     assert code == 2 and "launch with torchrun" in text and "Traceback" not in text
+
+
+def test_buckets_split_by_size_and_dtype(monkeypatch):
+    """The flat buffers of reductions and broadcasts: consecutive keys, one dtype each, at most
+    BUCKET_ELEMS elements unless a single tensor is larger (it then goes alone)."""
+    import msif.distributed as D
+
+    monkeypatch.setattr(D, "BUCKET_ELEMS", 10)
+    keys = [("a", (2, 3), "float32"), ("b", (4,), "float32"), ("c", (2,), "float32"), ("d", (3,), "float64"),
+            ("e", (20,), "float64"), ("f", (1,), "float64")]
+    assert [[k for k, _, _ in b] for b in D._buckets(keys)] == [["a", "b"], ["c"], ["d"], ["e"], ["f"]]

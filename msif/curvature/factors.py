@@ -158,12 +158,18 @@ class FactorSet:
         mats.update({("S", b): st.S_sum for b, st in self.stats.items() if st.S_sum is not None})
         return mats
 
+    def _eigen_dicts(self, kind: str) -> tuple[dict, dict]:
+        return (self.eigA, self.QA) if kind == "A" else (self.eigS, self.QS)
+
     def set_eigen(self, key: tuple[str, str], ev: torch.Tensor, Q: torch.Tensor) -> None:
-        kind, name = key
-        if kind == "A":
-            self.eigA[name], self.QA[name] = ev, Q
-        else:
-            self.eigS[name], self.QS[name] = ev, Q
+        """Store ``(eigenvalues, eigenvectors)`` of a key of :meth:`eigen_inputs`."""
+        evs, Qs = self._eigen_dicts(key[0])
+        evs[key[1]], Qs[key[1]] = ev, Q
+
+    def eigen(self, key: tuple[str, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(eigenvalues, eigenvectors)`` of a key of :meth:`eigen_inputs`."""
+        evs, Qs = self._eigen_dicts(key[0])
+        return evs[key[1]], Qs[key[1]]
 
     def lambdas(self, block: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The diagonal ``Λ`` ``(out_b, in_dim)`` of the block in its eigenbasis (a new tensor in ``dtype``)."""

@@ -685,10 +685,7 @@ def _eigendecompose(fs: FactorSet, fdt) -> None:
                 dt = fdt or mats[k].dtype
                 fs.set_eigen(k, torch.empty(d, dtype=dt, device=mats[k].device),
                              torch.empty(d, d, dtype=dt, device=mats[k].device))
-        out = []
-        for k in theirs:
-            kind, name = k
-            out += [fs.eigA[name], fs.QA[name]] if kind == "A" else [fs.eigS[name], fs.QS[name]]
+        out = [t for k in theirs for t in fs.eigen(k)]
         broadcast_tensors(out, f"sending rank {r}'s eigendecompositions", src=r)
 
 
