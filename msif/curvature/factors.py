@@ -163,6 +163,7 @@ class FactorSet:
 
     def set_eigen(self, key: tuple[str, str], ev: torch.Tensor, Q: torch.Tensor) -> None:
         """Store ``(eigenvalues, eigenvectors)`` of a key of :meth:`eigen_inputs`."""
+        self.__dict__.pop("_summaries", None)
         evs, Qs = self._eigen_dicts(key[0])
         evs[key[1]], Qs[key[1]] = ev, Q
 
@@ -183,62 +184,69 @@ class FactorSet:
             return scale * torch.outer(self.eigS[block].to(dtype), self.eigA[b.module].to(dtype))
         raise FactorError(f"strategy {self.strategy!r} has no eigenvalues")
 
+    def _summary(self, name: str, fn) -> float:
+        """``fn()`` cached until a tensor or count it reads changes (checked by identity and version)."""
+        state = (self.strategy, self.n_examples_lambda, self.n_tokens, self.n_examples_cov,
+                 tuple((id(x), x._version) for x in self._eigenvalue_tensors()))
+        cache = self.__dict__.setdefault("_summaries", {})
+        if cache.get(name, (None,))[0] != state:
+            cache[name] = (state, fn())
+        return cache[name][1]
+
+    def _eigenvalue_tensors(self) -> list[torch.Tensor]:
+        if self.strategy == "kfac":
+            return list(self.eigS.values()) + list(self.eigA.values())
+        return [st.lambda_sum for st in self.stats.values() if st.lambda_sum is not None]
+
     def mean_eigenvalue(self) -> float:
         """Mean of ``Λ`` over every entry of every block: ``trace(G) / D`` of the approximation."""
         if self.strategy == "identity":
             return 1.0
-        total, count = 0.0, 0
-        for b in self.blocks:
-            lam = self.lambdas(b)
-            total += float(lam.sum())
-            count += lam.numel()
-        return total / max(count, 1)
+
+        def mean():
+            total, count = 0.0, 0
+            for b in self.blocks:
+                lam = self.lambdas(b)
+                total += float(lam.sum())
+                count += lam.numel()
+            return total / max(count, 1)
+
+        return self._summary("mean", mean)
 
     def _largest_eigenvalue(self) -> float:
-        return max((float(self.lambdas(b).max()) for b in self.blocks), default=0.0) if self.strategy != "identity" else 1.0
+        if self.strategy == "identity":
+            return 1.0
+        return self._summary("largest", lambda: max((float(self.lambdas(b).max()) for b in self.blocks), default=0.0))
 
     def resolve_damping(self, damping) -> float:
         d = Damping.parse(damping)
         return d.value * self.mean_eigenvalue() if d.relative else d.value
 
-    def precondition(self, grads: dict[str, torch.Tensor], damping, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Damped inverse-GGN times ``grads`` per block.
+    def inverse_eigenvalues(self, block: str, lam: float, dtype: torch.dtype) -> torch.Tensor:
+        """``1 / (Λ + λ)`` of a block in ``dtype`` for an absolute damping ``lam`` (a new tensor: the
+        queries of a stage share it). Undamped, eigenvalues below eps × the largest of all blocks count
+        as zero and are refused: rounding in the model's backward leaves 1e-40 where the exact
+        eigenvalue is 0 (the Q/K gradients of one token)."""
+        lam_b = self.lambdas(block, dtype)
+        if lam == 0 and bool((lam_b <= self._largest_eigenvalue() * torch.finfo(dtype).eps).any()):
+            raise FactorError(
+                f"block {block} has zero eigenvalues (to the factors' precision) and damping is 0: the "
+                "inverse does not exist; use a positive damping"
+            )
+        return lam_b.add_(lam).reciprocal_()
 
-        ``grads`` maps module name → ``(..., out, in_dim)`` (leading dims = several vectors). Returns new
-        tensors in ``dtype`` (default: the factors' own dtype, float32 for a default fit) on the factors'
-        device (a module's blocks are written into their rows). Modules without factors raise. Nothing
-        stored here is modified.
+    def precondition(self, grads: dict, damping, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Damped inverse-GGN times ``grads`` per block (one stage of
+        :func:`msif.curvature.precondition.chain`).
+
+        ``grads`` maps module name → ``(..., out, in_dim)`` (leading dims = several vectors) or
+        :class:`~msif.curvature.precondition.Factored`. Returns new tensors in ``dtype`` (default: the
+        factors' own dtype, float32 for a default fit) on the factors' device. Modules without
+        factors raise. Nothing stored here is modified.
         """
-        lam = self.resolve_damping(damping)
-        dt = dtype or self.dtype
-        dev = self.device
-        # undamped, eigenvalues below eps × the largest of all blocks count as zero: rounding in the
-        # model's backward leaves 1e-40 where the exact eigenvalue is 0 (the Q/K gradients of one token)
-        zero = self._largest_eigenvalue() * torch.finfo(dt).eps if lam == 0 else 0.0
-        out = {}
-        for m, g in grads.items():
-            if m not in self.modules:
-                raise FactorError(f"no factors for module {m!r}; fitted modules: {', '.join(self.modules)}")
-            g = g.to(device=dev, dtype=dt)
-            if self.strategy == "identity":
-                out[m] = g.clone()
-                continue
-            res = torch.empty_like(g)
-            for blk in self.modules[m].blocks:
-                V = g[..., blk.rows, :]
-                lam_b = self.lambdas(blk.name, dt)
-                if lam == 0 and bool((lam_b <= zero).any()):
-                    raise FactorError(
-                        f"block {blk.name} has zero eigenvalues (to the factors' precision) and damping is 0: the "
-                        "inverse does not exist; use a positive damping"
-                    )
-                if self.strategy == "diagonal":
-                    res[..., blk.rows, :] = V / (lam_b + lam)
-                    continue
-                QA, QS = self.QA[m].to(dt), self.QS[blk.name].to(dt)
-                res[..., blk.rows, :] = QS @ ((QS.T @ V @ QA) / (lam_b + lam)) @ QA.T
-            out[m] = res
-        return out
+        from .precondition import chain
+
+        return chain([(self, damping)], grads, dtype)
 
     def dense_block(self, block: str, damping=0.0) -> torch.Tensor:
         """The dense ``(out_b·in_dim)²`` matrix ``G_block + λI`` this approximation stands for (tests only).
@@ -258,6 +266,7 @@ class FactorSet:
     # -------------------------------------------------------------------------------- merging
     def merge_(self, other: "FactorSet") -> "FactorSet":
         """Add another partial run's sums and counts into this one (same model and settings)."""
+        self.__dict__.pop("_summaries", None)
         if set(self.blocks) != set(other.blocks) or self.strategy != other.strategy:
             raise FactorError("cannot merge factors of different blocks or strategies")
         if any(f.meta.get("sums_dropped") for f in (self, other)):
@@ -388,6 +397,7 @@ class FactorSet:
 
     def set_tensor(self, key: str, x: torch.Tensor) -> None:
         """Put one tensor back by its key of :meth:`_tensors` (``kind/name``)."""
+        self.__dict__.pop("_summaries", None)
         kind, name = key.split("/", 1)
         if kind == "A_sum":
             self.A_sum[name] = x

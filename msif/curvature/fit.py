@@ -33,6 +33,7 @@ from ..objectives import (check_objective, curvature_targets, data_targets, head
 from . import checkpoint as ckpt
 from .factors import STRATEGIES, BlockStats, FactorError, FactorSet
 from .hooks import Recorder
+from .precondition import Factored
 
 DTYPES = ("auto", "float32", "float64")
 
@@ -148,9 +149,16 @@ def per_example_grads(model: nn.Module, tms, batch: Batch, objective: str, targe
 
     ``targets`` defaults to the data labels (the training loss / measurement ``m``).
     """
+    return {n: f.dense() for n, f in per_example_factors(model, tms, batch, objective, targets).items()}
+
+
+def per_example_factors(model: nn.Module, tms, batch: Batch, objective: str, targets=None) -> dict[str, Factored]:
+    """The same gradients unformed, ``DW_n = s_nᵀ a_n``: module name → :class:`Factored` with
+    ``s (B, T, out)`` and ``a (B, T, in_dim)`` (``T·(out + in_dim)`` numbers per example instead of
+    ``out·in_dim``; the preconditioner's first rotation can use the factors directly)."""
     fn = (lambda logits: data_targets(batch, objective)) if targets is None else (lambda logits: targets)
     a, s, _ = record_batch(model, tms, batch, fn)
-    return {n: torch.einsum("bto,bti->boi", s[n], a[n]) for n in a}
+    return {n: Factored(s[n], a[n]) for n in a}
 
 
 def _batches(data: Iterable[Batch], max_examples: int | None) -> Iterator[Batch]:
