@@ -440,19 +440,13 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
                 with T("query vectors"):
                     prepared = att.prepare([Query(prompt=qs[i].prompt, answer=qs[i].answer, label=qs[i].label,
                                                   id=qs[i].fact_id) for i in sel])
-                    grads = att.query_gradients(prepared)
+                    grads = att.query_gradients(prepared, factored=True)
                     ms, ss = [], []
                     for lam in dampings:
-                        att.damping_ft = lam
-                        att.damping_pt = lam
-                        u_ft = att.query_vectors(grads, "ss-if")  # P_ft g
-                        u_ms = att.pt_factors.precondition(u_ft, lam)  # P_pt P_ft g (query_vectors' ms-if path)
-                        ms.append(_flatten(u_ms, names))
-                        del u_ms
+                        ms.append(_flatten(att.query_vectors(grads, "ms-if", lam, lam), names))  # P_pt P_ft g
                         if task == "qa":
-                            ss.append(_flatten(u_ft, names))
-                        del u_ft
-                    ms.append(_flatten({n: g.double() for n, g in grads.items()}, names))  # gdp
+                            ss.append(_flatten(att.query_vectors(grads, "ss-if", lam, lam), names))  # P_ft g
+                    ms.append(_flatten(att.query_vectors(grads, "gdp"), names))  # g
                     del grads
                     pt_req, ft_req = [], []
                     for j, qi in enumerate(sel):

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..curvature.factors import FactorError, FactorSet
-from ..curvature.fit import per_example_grads
+from ..curvature.fit import per_example_factors, per_example_grads
+from ..curvature.precondition import Factored, chain
 from ..data.encoding import Encoded, InputError, collate, encode_classification, encode_prompt, encode_prompt_answer, encode_text, pad_token_id
 from ..distributed import barrier, gather_objects, world
 from ..models.adapters import tracked_modules
@@ -244,18 +245,23 @@ class Attributor:
                 out.append(PreparedQuery(q, pt, q.answer, None, enc))
         return out
 
-    def query_gradients(self, prepared: list[PreparedQuery]) -> dict[str, torch.Tensor]:
-        """``∇m(θ_ft)`` per shared module, ``(Q, out, in_dim)``, ``m = −log p(answer | prompt)``."""
+    def query_gradients(self, prepared: list[PreparedQuery], factored: bool = False) -> dict:
+        """``∇m(θ_ft)`` per shared module, ``(Q, out, in_dim)``, ``m = −log p(answer | prompt)``;
+        with ``factored``, as :class:`~msif.curvature.precondition.Factored` ``s_qᵀ a_q`` for modules
+        where that is smaller than the dense matrix."""
         objective = "classification" if self.classifier else "answer"
-        grads: dict[str, list] = {}
+        parts: dict[str, list] = {}
         for i in range(0, len(prepared), self.batch_size):
             b = collate([p.encoded for p in prepared[i : i + self.batch_size]], pad_id=pad_token_id(self.ft_tok)).to(self.device)
-            g = per_example_grads(self.ft, self.shared, b, objective)
-            for n, x in g.items():
-                if not torch.isfinite(x).all():
+            for n, f in per_example_factors(self.ft, self.shared, b, objective).items():
+                if not (torch.isfinite(f.s).all() and torch.isfinite(f.a).all()):
                     raise FloatingPointError("the query gradient is NaN or infinite: check the fine-tuned model")
-                grads.setdefault(n, []).append(x)
-        return {n: torch.cat(v) for n, v in grads.items()}
+                parts.setdefault(n, []).append(f)
+        out = {}
+        for n, fs in parts.items():
+            f = Factored.cat(fs)
+            out[n] = f if factored and f.worth_it() else torch.cat([x.dense() for x in fs])
+        return out
 
     def _need(self, fs, which):
         if fs is None:
@@ -268,26 +274,26 @@ class Attributor:
         dts += [f.dtype for f in (self.pt_factors, self.ft_factors) if f is not None]
         return torch.float64 if torch.float64 in dts else torch.float32
 
-    def query_vectors(self, grads: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
-        """``U`` per module: ``P_pt P_ft g`` (ms-if), ``P_ft g`` (ss-if) or ``g`` (gdp), in :meth:`vector_dtype`."""
+    def query_vectors(self, grads: dict, method: str, damping_ft=None, damping_pt=None) -> dict[str, torch.Tensor]:
+        """``U`` per module: ``P_pt P_ft g`` (ms-if), ``P_ft g`` (ss-if) or ``g`` (gdp), in
+        :meth:`vector_dtype`; ``grads`` as :meth:`query_gradients` gives them (dense or factored).
+        Dampings default to the attributor's."""
         dt = self.vector_dtype()
+        damping_ft = self.damping_ft if damping_ft is None else damping_ft
+        damping_pt = self.damping_pt if damping_pt is None else damping_pt
         if method == "gdp":
-            return {n: g.to(dt) for n, g in grads.items()}
+            return {n: g.dense(dt) if isinstance(g, Factored) else g.to(dt) for n, g in grads.items()}
         ft = self._need(self.ft_factors, "fine-tuned")
         missing = [n for n in grads if n not in ft.modules]
         if missing:
             raise FactorError(f"the fine-tuned factors do not cover module {missing[0]!r}; re-fit with --modules all")
-        u = ft.precondition(grads, self.damping_ft, dtype=dt)
         if method == "ss-if":
-            return u
+            return chain([(ft, damping_ft)], grads, dt)
         pt = self._need(self.pt_factors, "pre-trained")
-        common = [n for n in u if n in pt.modules]
+        common = [n for n in grads if n in pt.modules]
         if not common:
             raise FactorError("the pre-trained and fine-tuned factors share no module")
-        for n in common:
-            if [b.out_dim for b in pt.modules[n].blocks] != [b.out_dim for b in ft.modules[n].blocks]:
-                raise FactorError(f"module {n!r} is split into different blocks in the two factor sets (fit both with the same --per-head setting)")
-        return pt.precondition({n: u[n] for n in common}, self.damping_pt, dtype=dt)
+        return chain([(ft, damping_ft), (pt, damping_pt)], {n: grads[n] for n in common}, dt)
 
     def vector_modules(self, method: str) -> list:
         """The tracked modules that carry a query vector for ``method`` (candidate-side objects)."""
@@ -321,9 +327,10 @@ class Attributor:
 
     def make_query_vectors(self, prepared: list[PreparedQuery], method: str, rank: int | None = None) -> dict:
         """``U`` of every prepared query (module → :class:`~msif.influence.scoring.Split`, or
-        :class:`~msif.influence.scoring.LowRank` with ``rank``). Gradients are made ``batch_size``
-        queries at a time and preconditioned one module at a time, each written into its rows of
-        ``U`` (allocated once), so besides ``U`` only one batch's gradients and one module's
+        :class:`~msif.influence.scoring.LowRank` with ``rank``). Gradients are made for as many queries at
+        a time as fit :data:`QUERY_GRAD_BYTES` (factored where that is smaller, and so that one
+        module's dense copy fits it too) and preconditioned one module at a time, each written into
+        its rows of ``U`` (allocated once), so besides ``U`` only those gradients and one module's
         preconditioned copies exist. RepSim: the queries' mean last hidden states ``(Q, d)`` under
         the key ``"repsim"``."""
         if method == "repsim":
@@ -336,11 +343,14 @@ class Attributor:
         keep = {tm.name for tm in self.vector_modules(method)}
         tmap = {tm.name: tm for tm in self.shared}
         Q, out = len(prepared), {}
-        per_query = query_vector_elements(self.vector_modules(method)) * 4
-        step = max(1, min(self.batch_size, QUERY_GRAD_BYTES // per_query))  # gradients held at once: ≤ QUERY_GRAD_BYTES
+        T = max(len(p.encoded.input_ids) for p in prepared)
+        per_query = sum(min(tm.out_features * tm.in_dim, T * (tm.out_features + tm.in_dim)) for tm in self.shared) * 4
+        widest = max(tm.out_features * tm.in_dim for tm in self.shared) * 4
+        # gradients held at once ≤ QUERY_GRAD_BYTES (dense or factored), and so is one module's dense working copy
+        step = max(1, min(QUERY_GRAD_BYTES // per_query, QUERY_GRAD_BYTES // widest))
         for i in range(0, Q, step):
-            grads = self.query_gradients(prepared[i : i + step])
-            j = i + next(iter(grads.values())).shape[0]
+            grads = self.query_gradients(prepared[i : i + step], factored=method != "gdp")
+            j = min(Q, i + step)
             for n in list(grads):
                 g = grads.pop(n)
                 if method == "ms-if":  # the ft factors must cover every shared module (query_vectors says so)
