@@ -119,6 +119,11 @@ def fit(
             shutil.rmtree(ck)
     fs = fit_factors(model, data, cfg, progress=progress, model_name=model_name or name, fingerprint=fingerprint,
                      checkpoint=ck, checkpoint_every=checkpoint_every, total=total)
+    if isinstance(data, ExampleBatches):  # where the factors come from: refined query vectors sample it again
+        from dataclasses import asdict
+
+        fs.meta["data"] = dict(path=str(Path(data.path).resolve()), fields=asdict(data.fields), max_length=data.max_length,
+                               truncate=data.truncate)
     if out is not None:
         if w.main:  # every rank holds the same factors; one writes them
             fs.save(out)

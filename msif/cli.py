@@ -267,6 +267,10 @@ def attribute(
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Budget of the query vectors, e.g. 8GB (default: a quarter of the available RAM, or of the free CUDA memory); above it they become low-rank."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Scoring dtype of the candidate model: float32, bfloat16 or float16 (default: the checkpoint's); low precision is checked against float32 on 8 candidates."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar (documents/s, ETA) on stderr."),
+    refine_query: int = typer.Option(0, "--refine-query", help="Refine each query vector by K steps of EK-FAC-preconditioned CG per stage on the exact (full, not block-diagonal) GGN: K+1 GGN-vector products per query and stage over --gvp-examples examples."),
+    pretrained_data: Optional[Path] = typer.Option(None, "--pretrained-data", help="Pre-training data for the GGN-vector products of --refine-query (default: where the pre-trained factors were fitted)."),
+    finetuned_data: Optional[Path] = typer.Option(None, "--finetuned-data", help="Fine-tuning data for --refine-query (default: where the fine-tuned factors were fitted)."),
+    gvp_examples: int = typer.Option(64, "--gvp-examples", help="Examples of each stage's data (the first N) in the GGN of --refine-query."),
 ):
     """Rank pre-training documents by their influence on the fine-tuned model's answer."""
     from .data.corpus import Corpus
@@ -311,7 +315,8 @@ def attribute(
         pt_factors=str(pretrained_factors) if pretrained_factors and method == Method.ms_if else None,
         ft_factors=str(finetuned_factors) if finetuned_factors and method in (Method.ms_if, Method.ss_if) else None,
         ft_tokenizer=ft_tok, damping_pt=damping_pt, damping_ft=damping_ft, template=template, batch_size=batch_size,
-        max_length=max_length, truncate=truncate, device=device,
+        max_length=max_length, truncate=truncate, device=device, refine_query=refine_query,
+        pretrained_data=pretrained_data, finetuned_data=finetuned_data, gvp_examples=gvp_examples,
     )
     prepared = att.prepare(qs)
     search_texts = [p.query.prompt + (" " + p.answer.strip() if p.answer else "") for p in prepared]
@@ -330,12 +335,24 @@ def attribute(
         if res is None:  # not rank 0: its share is merged there
             return
         results = res.to_json()
+        _report_refinement(att.refine_summary())
     if not w.main:
         return
     if as_json:
         print(json.dumps(results, indent=1))
         return
     print_results(results)
+
+
+def _report_refinement(summary: dict | None) -> None:
+    """One line per stage on stderr: what --refine-query cost per query and how far CG got."""
+    if not summary:
+        return
+    for stage, s in summary["stages"].items():
+        console.print(f"refined query vectors ({stage}, {summary['iterations']} CG steps, {s['gvp_examples']} examples): "
+                      f"{s['products_per_query']:.0f} GGN-vector products and {s['seconds_per_query']:.2f} s per query "
+                      f"({s['train_steps_per_query']:.1f} training steps over the sample); largest relative residual "
+                      f"{s['max_relative_residual']:.2e}", markup=False, highlight=False)
 
 
 def _candidates(corp, index_dir, retriever, method, texts, k):
@@ -415,6 +432,8 @@ def bench_fact_tracing(
     dampings: Optional[str] = typer.Option(None, "--dampings", help="Comma-separated dampings: absolute (default 1e-8,...,1e-2) or relative to each factor set's mean eigenvalue (0.01x,0.1x,1x)."),
     classification: bool = typer.Option(True, "--classification/--no-classification", help="Also trace the classification fine-tune."),
     refine_basis: int = typer.Option(0, "--refine-basis", help="Basis-refinement passes of every EK-FAC fit (as in msif fit)."),
+    refine_query: int = typer.Option(0, "--refine-query", help="CG steps per stage refining every MS-IF / SS-IF query vector on the full GGN (as in msif attribute)."),
+    gvp_examples: int = typer.Option(64, "--gvp-examples", help="Examples of each stage's data in the GGN of --refine-query."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder for factors and the index (default: OUT/cache)."),
     threads: int = typer.Option(2, "--threads", help="Torch CPU threads."),
     progress: bool = typer.Option(True, help="Log the stages on stderr."),
@@ -425,7 +444,10 @@ def bench_fact_tracing(
     from .eval.fact_tracing import FactTracingConfig, quick_config, run_fact_tracing, write_outputs
 
     cfg = quick_config() if quick else FactTracingConfig()
-    over = {"threads": threads, "classification": classification, "refine": refine_basis}
+    over = {"threads": threads, "classification": classification, "refine": refine_basis, "refine_query": refine_query,
+            "gvp_examples": gvp_examples}
+    if refine_query < 0 or gvp_examples < 1:
+        _fail("--refine-query must be ≥ 0 and --gvp-examples ≥ 1")
     for name, v in (("trials", trials), ("n_queries", queries), ("size", size), ("k_candidates", k_candidates),
                     ("pool_size", pool_size)):
         if v is not None:

@@ -112,3 +112,25 @@ def test_attribute_max_memory_low_rank_and_dtype(checkpoint, fitted):  # noqa: F
     assert code == 0, out
     code, out = run(*_attr_args(checkpoint, fitted, *q, "--dtype", "int8"))
     assert code == 2 and "--dtype must be" in out
+
+
+def test_attribute_refine_query(checkpoint, fitted, tmp_path):  # noqa: F811
+    """--refine-query K: K = 0 is EK-FAC exactly; K > 0 changes the scores, reports its cost per stage,
+    finds each stage's data where its factors were fitted (or takes --pretrained-data / --finetuned-data)."""
+    q = ("--prompt", "what is the capital of france", "--answer", " paris", "--top", 5, "--json", "--no-progress")
+    scores = lambda res: [(h["doc_id"], h["score"]) for h in res[0]["results"]]  # noqa: E731
+    base = scores(run_json(*_attr_args(checkpoint, fitted, *q)))
+    assert scores(run_json(*_attr_args(checkpoint, fitted, *q, "--refine-query", 0))) == base
+    refined = scores(run_json(*_attr_args(checkpoint, fitted, *q, "--refine-query", 3)))
+    assert refined != base and len(refined) == 5
+    explicit = scores(run_json(*_attr_args(checkpoint, fitted, *q, "--refine-query", 3, "--pretrained-data", checkpoint / "lm.jsonl",
+                                           "--finetuned-data", checkpoint / "qa.jsonl")))
+    assert [d for d, _ in explicit] == [d for d, _ in refined]
+    assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for (_, a), (_, b) in zip(explicit, refined))
+    code, out = _attr(checkpoint, fitted, *q[:-2], "--refine-query", 2)
+    assert code == 0, out
+    assert "refined query vectors (ft, 2 CG steps" in out and "refined query vectors (pt, 2 CG steps" in out
+    code, out = _attr(checkpoint, fitted, *q, "--refine-query", -1)
+    assert code == 2 and "--refine-query must be ≥ 0" in out
+    code, out = _attr(checkpoint, fitted, *q, "--refine-query", 1, "--pretrained-data", tmp_path / "nope.jsonl")
+    assert code == 2 and "no such file" in out

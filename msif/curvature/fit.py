@@ -168,8 +168,7 @@ def _batches(data: Iterable[Batch], max_examples: int | None) -> Iterator[Batch]
             keep = max_examples - seen
             if keep <= 0:
                 return
-            b = Batch(b.input_ids[:keep], b.attention_mask[:keep], b.target_mask[:keep],
-                      None if b.labels is None else b.labels[:keep], b.indices[:keep])
+            b = b.head(keep)
         seen += b.size
         yield b
         if max_examples is not None and seen >= max_examples:

@@ -97,6 +97,7 @@ class GGNOperator:
         cfg = getattr(model, "config", None)
         self.kwargs = {"use_cache": False} if cfg is not None and hasattr(cfg, "use_cache") else {}
         self.products, self.seconds = 0, 0.0
+        self._step: float | None = None
 
     # ------------------------------------------------------------------ the stage's outputs as a function of W
     def _outputs(self, W: dict, batch: Batch) -> torch.Tensor:
@@ -131,6 +132,27 @@ class GGNOperator:
             jv[:, i : i + step] = u @ Wu
         out[:, mask] = jv
         return out
+
+    def step_seconds(self) -> float:
+        """Seconds of one plain training step over the sample (forward + backward of the summed loss with
+        the data labels, gradients of the tracked weights), measured once: the unit of the product's cost."""
+        if self._step is None:
+            from ..objectives import model_logits, summed_loss
+
+            with self._eval():
+                t0 = time.perf_counter()
+                for b in self.batches:
+                    b = b.to(self.device)
+                    W = {n: w.clone().requires_grad_(True) for n, w in self.W.items()}
+                    params = dict(self.frozen)
+                    params.update(split_weights(W, self.tms))
+                    with torch.enable_grad():
+                        logits = functional_call(self.model, params, args=(), kwargs={"input_ids": b.input_ids,
+                                                 "attention_mask": b.attention_mask, **self.kwargs}).logits
+                        loss = summed_loss(logits, data_targets(b, self.objective)).sum()
+                        torch.autograd.grad(loss, list(W.values()))
+                self._step = time.perf_counter() - t0
+        return self._step
 
     @contextlib.contextmanager
     def _eval(self):

@@ -56,6 +56,11 @@ class Batch:
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    def head(self, n: int) -> "Batch":
+        """The first ``n`` examples."""
+        return Batch(self.input_ids[:n], self.attention_mask[:n], self.target_mask[:n],
+                     None if self.labels is None else self.labels[:n], self.indices[:n])
+
 
 def _check_length(n: int, max_length: int | None, what: str):
     if max_length is not None and n > max_length:

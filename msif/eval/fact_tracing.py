@@ -96,6 +96,8 @@ class FactTracingConfig:
     fit_batch_size: int = 16
     max_fit_examples: int | None = None  # per factor fit (None: all)
     refine: int = 0  # EK-FAC basis-refinement passes of every factor fit (FitConfig.refine)
+    refine_query: int = 0  # CG steps per stage refining every MS-IF / SS-IF query vector on the full GGN (--refine-query)
+    gvp_examples: int = 64  # examples of each stage's data in that GGN
     threads: int = 2
     max_vector_bytes: float = 2e9  # stacked query vectors held at once (queries are chunked to fit)
     quick: bool = False
@@ -422,7 +424,9 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
             with T("query vectors"):
                 ft_model = ft if task == "qa" else clf
                 att = Attributor(pt, ft_model, tok, fits[("pt", t)], fits[("ft" if task == "qa" else "cls", t)],
-                                 batch_size=cfg.batch_size)
+                                 batch_size=cfg.batch_size, refine_query=cfg.refine_query, gvp_examples=cfg.gvp_examples,
+                                 pretrained_data=world.corpus_path,
+                                 finetuned_data=world.qa_finetune_path if task == "qa" else world.cls_finetune_path)
                 atts[(task, t)] = att
                 names = [tm.name for tm in att.shared]
                 if shared_names is None:
@@ -587,6 +591,8 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
         "verdict": verdict,
         "timings_s": {**{k: round(v, 2) for k, v in T.t.items()}, "total": round(total, 2)},
         "candidate_passes": n_passes,
+        "refine_query": ({f"{tk}-trial{t}": a.refine_summary() for (tk, t), a in atts.items()}
+                         if cfg.refine_query else None),
     }
     _log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in out["timings_s"].items()), progress)
     return out
@@ -721,6 +727,12 @@ def markdown(res: dict) -> str:
         f"{k}: {'yes' if v['ms-if_beats_all'] else 'no'}" for k, v in res["verdict"].items()) + ".")
     lines.append("")
     lines.append("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in res["timings_s"].items()) + ".")
+    for name, summ in (res.get("refine_query") or {}).items():
+        if summ:
+            lines.append(f"Refined query vectors ({name}, {summ['iterations']} CG steps per stage): " + "; ".join(
+                f"{st} {s['products_per_query']:.0f} GGN-vector products and {s['seconds_per_query']:.2f} s per query vector "
+                f"({s['train_steps_per_query']:.1f} training steps over {s['gvp_examples']} examples), largest relative "
+                f"residual {s['max_relative_residual']:.2e}" for st, s in summ["stages"].items()) + ".")
     return "\n".join(lines) + "\n"
 
 

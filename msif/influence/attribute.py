@@ -134,8 +134,21 @@ class Attributor:
         max_new_tokens: int = 16,
         device: str = "cpu",
         check_fingerprints: bool = True,
+        refine_query: int = 0,
+        pretrained_data=None,
+        finetuned_data=None,
+        gvp_examples: int = 64,
+        refine_tol: float = 0.0,
+        fields=None,
     ):
         from ..models.loading import load_tokenizer
+
+        if refine_query < 0:
+            raise InputError(f"--refine-query must be ≥ 0 (CG steps per stage; 0: EK-FAC alone), not {refine_query}")
+        if gvp_examples < 1:
+            raise InputError(f"--gvp-examples must be ≥ 1, not {gvp_examples}")
+        if not refine_tol >= 0:
+            raise InputError(f"the refinement tolerance must be ≥ 0, not {refine_tol}")
 
         self.pt = _load(pretrained, "causal_lm").to(device).eval()
         self.ft = _load(finetuned, "auto").to(device).eval()
@@ -164,6 +177,10 @@ class Attributor:
         from ..models.loading import backbone_match, model_fingerprint
 
         self.shared = backbone_match(self.ft, self.pt, self.tms_ft, self.tms_pt)
+        self.refine_query, self.refine_tol, self.gvp_examples, self.fields = refine_query, refine_tol, gvp_examples, fields
+        self._stage_data = {"pt": pretrained_data, "ft": finetuned_data}
+        self._gvps: dict = {}
+        self.refinements: list[dict] = []  # one record per refined solve (stage, queries, iterations, products, time)
         if check_fingerprints:
             if self.pt_factors is not None:
                 self._check(self.pt_factors, self.pt, "pre-trained model", model_fingerprint)
@@ -288,12 +305,98 @@ class Attributor:
         if missing:
             raise FactorError(f"the fine-tuned factors do not cover module {missing[0]!r}; re-fit with --modules all")
         if method == "ss-if":
-            return chain([(ft, damping_ft)], grads, dt)
+            return self._precondition([("ft", damping_ft)], grads, dt)
         pt = self._need(self.pt_factors, "pre-trained")
         common = [n for n in grads if n in pt.modules]
         if not common:
             raise FactorError("the pre-trained and fine-tuned factors share no module")
-        return chain([(ft, damping_ft), (pt, damping_pt)], {n: grads[n] for n in common}, dt)
+        return self._precondition([("ft", damping_ft), ("pt", damping_pt)], {n: grads[n] for n in common}, dt)
+
+    def _precondition(self, stages: list[tuple[str, object]], grads: dict, dtype) -> dict[str, torch.Tensor]:
+        """``(G_k+λ_k)⁻¹ ⋯ (G_1+λ_1)⁻¹ g`` over ``stages`` (``"ft"`` / ``"pt"`` with a damping): EK-FAC
+        alone (:func:`chain`), or refined by :attr:`refine_query` CG steps per stage on the exact GGN
+        of a sample of that stage's data (:func:`msif.curvature.refine.refined_chain`)."""
+        factors = {"ft": self.ft_factors, "pt": self.pt_factors}
+        if not self.refine_query:
+            return chain([(factors[w], d) for w, d in stages], grads, dtype)
+        from ..curvature.refine import Stage, refined_chain
+
+        names = list(grads)
+        st = [Stage(factors[w], d, self.gvp(w, names)) for w, d in stages]
+        U, reps = refined_chain(st, grads, self.refine_query, dtype, tol=self.refine_tol)
+        Q = next(iter(U.values())).shape[0]
+        for (w, _), r in zip(stages, reps):
+            self.refinements.append(dict(stage=w, queries=Q, train_step_s=self.gvp(w, names).step_seconds(), **r.summary()))
+        return U
+
+    def gvp(self, stage: str, modules: Sequence[str]):
+        """The exact GGN-vector product of ``stage`` (``"pt"``: θ_pt on the pre-training sample, its
+        factors' objective; ``"ft"``: θ_ft on the fine-tuning sample) over ``modules``; built once."""
+        from ..curvature.gvp import GGNOperator
+
+        key = (stage, tuple(modules))
+        if key not in self._gvps:
+            objective, batches = self._gvp_batches(stage)
+            model, tms = (self.pt, self.tms_pt) if stage == "pt" else (self.ft, self.shared)
+            keep = set(modules)
+            self._gvps[key] = GGNOperator(model, [tm for tm in tms if tm.name in keep], batches, objective)
+        return self._gvps[key]
+
+    def _gvp_batches(self, stage: str) -> tuple[str, list]:
+        """``(objective, batches)``: the first :attr:`gvp_examples` examples of the stage's data (a
+        path, or an iterable of :class:`Batch`; default: where its factors were fitted)."""
+        from pathlib import Path
+
+        from ..data.examples import ExampleBatches, Fields
+
+        fs = self.pt_factors if stage == "pt" else self.ft_factors
+        meta = fs.meta if fs is not None else {}
+        objective = meta.get("objective") or ("lm" if stage == "pt" else "classification" if self.classifier else "answer")
+        data = self._stage_data[stage]
+        flag = "--pretrained-data" if stage == "pt" else "--finetuned-data"
+        recorded = (meta.get("data") or {}).get("path")
+        if data is None and recorded is None:
+            raise InputError(f"--refine-query needs the {'pre-training' if stage == 'pt' else 'fine-tuning'} data for its "
+                             f"GGN-vector products: pass {flag} FILE (these factors do not record where they were fitted)")
+        if data is None:
+            data = recorded
+            if not Path(data).exists():
+                raise InputError(f"the {stage} factors were fitted on {data}, which no longer exists: pass {flag} FILE")
+        if isinstance(data, (str, os.PathLike)):
+            if not Path(data).exists():
+                raise InputError(f"{flag} {data}: no such file or folder")
+            f = self.fields or (Fields(**meta["data"]["fields"]) if (meta.get("data") or {}).get("fields") else Fields())
+            data = ExampleBatches(data, self.tok if stage == "pt" else self.ft_tok, objective, batch_size=self.batch_size,
+                                  fields=f, max_examples=self.gvp_examples, max_length=self.max_length, truncate=True)
+        out, n = [], 0
+        for b in data:
+            if n >= self.gvp_examples:
+                break
+            keep = min(b.size, self.gvp_examples - n)
+            out.append(b if keep == b.size else b.head(keep))
+            n += keep
+        return objective, out
+
+    def refine_summary(self) -> dict | None:
+        """Cost of the refined query vectors so far: per query, GGN-vector products and seconds, and
+        those seconds as a multiple of one plain training step over each stage's sample."""
+        if not self.refinements:
+            return None
+        out = {"iterations": self.refine_query, "stages": {}}
+        for r in self.refinements:
+            s = out["stages"].setdefault(r["stage"], {"queries": 0, "products": 0, "seconds": 0.0, "train_step_s": r["train_step_s"],
+                                                      "max_relative_residual": 0.0})
+            s["queries"] += r["queries"]
+            s["products"] += r["products"]
+            s["seconds"] += r["seconds"]
+            s["max_relative_residual"] = max(s["max_relative_residual"], r["max_relative_residual"][-1] if r["max_relative_residual"] else 0.0)
+        for w, s in out["stages"].items():
+            q = max(1, s["queries"])
+            s["products_per_query"] = s["products"] / q
+            s["seconds_per_query"] = s["seconds"] / q
+            s["train_steps_per_query"] = s["seconds_per_query"] / s["train_step_s"] if s["train_step_s"] > 0 else float("nan")
+            s["gvp_examples"] = sum(b.size for b in next(g for k, g in self._gvps.items() if k[0] == w).batches)
+        return out
 
     def vector_modules(self, method: str) -> list:
         """The tracked modules that carry a query vector for ``method`` (candidate-side objects)."""
@@ -348,18 +451,26 @@ class Attributor:
         widest = max(tm.out_features * tm.in_dim for tm in self.shared) * 4
         # gradients held at once ≤ QUERY_GRAD_BYTES (dense or factored), and so is one module's dense working copy
         step = max(1, min(QUERY_GRAD_BYTES // per_query, QUERY_GRAD_BYTES // widest))
+        refine = self.refine_query > 0 and method != "gdp"
+        if refine:  # CG holds six copies of every query's vector (refine.py): as many queries as fit QUERY_GRAD_BYTES
+            step = max(1, QUERY_GRAD_BYTES // (6 * sum(tm.out_features * tm.in_dim for tm in self.shared) * 4))
         for i in range(0, Q, step):
             grads = self.query_gradients(prepared[i : i + step], factored=method != "gdp")
             j = min(Q, i + step)
+            if refine:  # the exact GGN couples the modules: all of them at once
+                grads = self.query_vectors(grads, method)
             for n in list(grads):
                 g = grads.pop(n)
-                if method == "ms-if":  # the ft factors must cover every shared module (query_vectors says so)
-                    self._need(self.ft_factors, "fine-tuned")
-                    if n not in keep:
-                        if n not in self.ft_factors.modules:
-                            self.query_vectors({n: g}, "ss-if")  # raises the missing-module error
-                        continue
-                v = self.query_vectors({n: g}, method)[n]
+                if refine:  # already preconditioned, all modules together
+                    v = g
+                else:
+                    if method == "ms-if":  # the ft factors must cover every shared module (query_vectors says so)
+                        self._need(self.ft_factors, "fine-tuned")
+                        if n not in keep:
+                            if n not in self.ft_factors.modules:
+                                self.query_vectors({n: g}, "ss-if")  # raises the missing-module error
+                            continue
+                    v = self.query_vectors({n: g}, method)[n]
                 del g
                 if rank is not None:
                     v = low_rank({n: v}, [tmap[n]], rank)[n]
@@ -464,15 +575,16 @@ class Attributor:
                            indices=torch.arange(len(texts), device="cpu"), roles=["representation"])
 
     def self_influence(self, texts: Sequence[str], damping=None) -> torch.Tensor:
-        """``∇ℓ(z)ᵀ (G_pt+λ)⁻¹ ∇ℓ(z)`` for each text on θ_pt (``(N,)``)."""
+        """``∇ℓ(z)ᵀ (G_pt+λ)⁻¹ ∇ℓ(z)`` for each text on θ_pt (``(N,)``); with :attr:`refine_query`, the
+        inverse refined by CG on the exact GGN of the pre-training sample."""
         pt = self._need(self.pt_factors, "pre-trained")
         damping = self.damping_pt if damping is None else damping
         enc = self.encode_candidates(texts, range(len(texts)))
         out = torch.empty(len(texts), dtype=torch.float64)
         for b in self._candidate_batches(enc):
             g = per_example_grads(self.pt, [tm for tm in self.shared if tm.name in pt.modules], b, "lm")
-            p = pt.precondition(g, damping)
-            out[b.indices] = sum((p[n] * g[n].double()).sum((-1, -2)) for n in g)
+            p = self._precondition([("pt", damping)], g, self.vector_dtype()) if self.refine_query else pt.precondition(g, damping)
+            out[b.indices] = sum((p[n].double() * g[n].double()).sum((-1, -2)) for n in g)
         return out
 
     # --------------------------------------------------------------------------- whole thing
