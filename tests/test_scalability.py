@@ -134,6 +134,11 @@ def test_quick_study(quick, tmp_path):
         assert sh["mlp"] + sh["attention"] == pytest.approx(1.0)
         # the refined basis and the best Kronecker basis are reported next to EK-FAC
         assert {"ekfac_refined", "kron_best"} <= set(M)
+        # refined query vectors: CG on the full G goes past the block-diagonal ceiling EK-FAC is bound by
+        ref = {K: M[f"ekfac_pcg_{K}"] for K in sc.QUICK.refine_query}
+        assert all(m["matvecs"] == K + 1 for K, m in ref.items())
+        assert ref[10]["spearman_mean"] > max(ceil, ek) + 0.1, (key, ref[10]["spearman_mean"], ceil, ek)
+        assert ref[10]["spearman_mean"] >= ref[2]["spearman_mean"] - 0.02
     kr = r["kronecker"]["offdiagonal_mass"]
     assert 0 <= kr["best"] <= kr["ekfac"] <= 1 and 0 <= kr["ekfac_refined"] <= 1
     assert [row["epoch"] for row in r["sweep"]] == [10, sc.QUICK.epochs]
@@ -145,7 +150,7 @@ def test_quick_study(quick, tmp_path):
     paths = sc.write_outputs(r, tmp_path)
     table = open(paths["table"]).read()
     assert "0.612" in table and "EK-FAC" in table and "ceiling" in table
-    assert "refined basis" in table and "earlier checkpoints" in table
+    assert "refined basis" in table and "earlier checkpoints" in table and "`--refine-query 10`" in table
     assert json.loads(open(paths["json"]).read())["model"]["D"] == r["model"]["D"]
     for k in ("figure", "training_curve", "checkpoints"):
         assert open(paths[k], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

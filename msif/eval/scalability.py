@@ -995,7 +995,8 @@ def markdown_table(res: dict) -> str:
                 label = f"Arnoldi (top {name.split('_')[1]})"
             elif name.startswith("ekfac_pcg_"):
                 k = name.split("_")[2]
-                label = f"EK-FAC + {k} refinement steps (`--refine-query {k}`: {int(k) + 1} GGN-vector products / query)"
+                label = (f"EK-FAC + {k} refinement step{'' if k == '1' else 's'} (`--refine-query {k}`: "
+                         f"{int(k) + 1} GGN-vector products / query)")
             elif name.startswith("ekfac_R"):
                 label = f"EK-FAC, {name[7:]} label draws per sentence (diagnostic)"
             mf = r.get("matrix_free_s")
