@@ -323,7 +323,10 @@ class Attributor:
 
         names = list(grads)
         st = [Stage(factors[w], d, self.gvp(w, names)) for w, d in stages]
-        U, reps = refined_chain(st, grads, self.refine_query, dtype, tol=self.refine_tol)
+        try:
+            U, reps = refined_chain(st, grads, self.refine_query, dtype, tol=self.refine_tol)
+        except ValueError as e:  # G + λ not positive definite along a CG direction: the damping is too small
+            raise InputError(f"--refine-query: {e}") from None
         Q = next(iter(U.values())).shape[0]
         for (w, _), r in zip(stages, reps):
             self.refinements.append(dict(stage=w, queries=Q, train_step_s=self.gvp(w, names).step_seconds(), **r.summary()))
