@@ -58,6 +58,7 @@ def fit(
     dtype=None,
     device: str = "cpu",
     fsdp: bool = False,
+    overwrite: bool = False,
 ) -> FactorSet:
     """Fit curvature factors of ``model`` on ``data`` and (if ``out``) save them atomically.
 
@@ -76,14 +77,34 @@ def fit(
     ``checkpoint_every`` batches; a fit killed half-way and run again with the same arguments resumes
     there (``resume=False`` discards the checkpoint) and gives the same factors. The checkpoint is
     deleted once the factors are written.
+
+    ``out`` is checked before any work: a file, a non-empty folder that holds no factors (a model
+    checkpoint, other files) and, unless ``overwrite``, earlier factors are refused; one process at a
+    time may write it (a second fit into the same ``out`` is refused while the first runs).
     """
     cfg = config or FitConfig(objective=objective, strategy=strategy, modules=modules, per_head=per_head, labels=labels,
                               seed=seed, max_examples=max_examples, batch_size=batch_size, generic=generic,
                               samples=samples, refine=refine)
     cfg.validate()
-    from .distributed import barrier, init
+    import contextlib
+
+    from .atomic import OutputLock, prepare_out_dir
+    from .distributed import init
 
     w, device = init(device)  # under torchrun: join the process group, one device per rank
+    with OutputLock(out, "msif fit") if out is not None and w.main else contextlib.nullcontext():
+        if out is not None:  # under the lock: nothing is clobbered, and no other fit writes here meanwhile
+            prepare_out_dir(out, overwrite, "factors", marker="factors.json")
+        return _fit(model, data, out, tokenizer, cfg, w, device, fields=fields, max_length=max_length, truncate=truncate,
+                    progress=progress, model_name=model_name, checkpoint_every=checkpoint_every, resume=resume,
+                    dtype=dtype, fsdp=fsdp)
+
+
+def _fit(model, data, out, tokenizer, cfg, w, device, fields, max_length, truncate, progress, model_name,
+         checkpoint_every, resume, dtype, fsdp) -> FactorSet:
+    """:func:`fit` once its settings and output folder are checked."""
+    from .distributed import barrier
+
     model, tokenizer, name = _model_and_tokenizer(model, tokenizer, cfg.objective, None, device)
     fingerprint = None
     if dtype is not None or fsdp:  # the factors belong to the checkpoint's weights, not to a rounded or sharded copy

@@ -52,3 +52,79 @@ def atomic_dir(path: str | os.PathLike, writer: Callable[[Path], object]) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool, what: str, marker: str, flag: str = "--overwrite") -> None:
+    """Refuse to clobber ``out_dir`` before any work is done: a file, a non-empty folder that is not
+    one of ours (no ``marker`` file in it: a model checkpoint, unrelated files), or one of ours
+    without ``overwrite``. Raises :class:`msif.data.encoding.InputError` naming the fix."""
+    from .data.encoding import InputError
+
+    out = Path(out_dir)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"{str(out)!r} exists and is a file; choose another output folder.")
+    if not any(out.iterdir()):
+        return
+    if not (out / marker).is_file():
+        raise InputError(f"{str(out)!r} exists, is not empty and is not an msif {what} folder; refusing to overwrite it. "
+                         "Choose another output folder.")
+    if not overwrite:
+        raise InputError(f"{what.capitalize()} {str(out)!r} already exists. Pass {flag} to replace it, or choose another output folder.")
+
+
+class OutputLock:
+    """Exclusive use of an output folder by one process: ``.NAME.lock`` beside it, ``flock``-ed.
+
+    A second process asking for the same folder gets one line instead of a silent race (two fits
+    into one folder, the last one winning). While held, the hidden ``.NAME.tmp-*`` / ``.NAME.old-*``
+    leftovers of a killed earlier write into that folder are removed (nobody else can be writing
+    them). The lock file is removed on release.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, what: str = "msif"):
+        self.out = Path(out_dir)
+        self.path = self.out.with_name(f".{self.out.name}.lock")
+        self.what = what
+        self.fd = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        from .data.encoding import InputError
+
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise InputError(f"another {self.what} process is writing {str(self.out)!r} (lock {self.path.name}); "
+                                 "wait for it or choose another output folder") from None
+            try:  # the file may have been unlinked by its last holder between open and flock: retry on a fresh one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        self._sweep()
+        return self
+
+    def _sweep(self) -> None:
+        import shutil
+
+        for p in self.out.parent.glob(f".{self.out.name}.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in self.out.parent.glob(f".{self.out.name}.old-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None

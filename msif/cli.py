@@ -87,11 +87,12 @@ def user_errors(fn):
         from .data.encoding import InputError
         from .distributed import DistributedError
         from .models.adapters import UnsupportedArchitectureError
+        from .models.loading import BackboneMismatchError, ModelLoadError, TokenizerMismatchError
 
         try:
             return fn(*a, **k)
         except (InputError, FactorError, UnsupportedArchitectureError, FileNotFoundError, FloatingPointError,
-                DistributedError) as e:
+                DistributedError, ModelLoadError, TokenizerMismatchError, BackboneMismatchError) as e:
             _fail(str(e))
 
     return wrapper
@@ -129,6 +130,7 @@ def fit(
     restart: bool = typer.Option(False, "--restart", help="Discard OUT.checkpoint of an interrupted fit and start over."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Under torchrun: shard the model's weights across the ranks (FSDP2) for a model that does not fit one device (loaded on the CPU first)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace factors already in --out (without it an existing factor folder is refused; a folder holding anything else always is)."),
 ):
     """Fit EK-FAC (or K-FAC / diagonal / identity) curvature factors of MODEL on DATA."""
     from . import api
@@ -143,6 +145,9 @@ def fit(
             raise ValueError("--checkpoint-every must be ≥ 1")
     except ValueError as e:
         _fail(str(e))
+    from .atomic import prepare_out_dir
+
+    prepare_out_dir(out, overwrite, "factors", marker="factors.json")  # before the model is loaded; again under the lock
     from .data.examples import Fields
     from .distributed import init
     from .models.loading import load_model, load_tokenizer
@@ -155,7 +160,7 @@ def fit(
     fs = api.fit(
         m, str(data), out=out, tokenizer=tok, config=cfg, fields=Fields(text_field, prompt_field, answer_field, label_field),
         max_length=max_length, truncate=truncate, progress=progress, model_name=model, checkpoint_every=checkpoint_every,
-        resume=not restart, dtype=dtype.value if dtype else None, device=device, fsdp=fsdp,
+        resume=not restart, dtype=dtype.value if dtype else None, device=device, fsdp=fsdp, overwrite=overwrite,
     )
     if not w.main:
         return

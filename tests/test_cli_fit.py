@@ -135,3 +135,41 @@ def test_nan_weights_are_reported(checkpoint, tmp_path):
     with pytest.raises(FloatingPointError, match="NaN"):
         api.fit(m, str(checkpoint / "lm.jsonl"), out=tmp_path / "f", tokenizer=load_tokenizer(str(checkpoint / "lm")), progress=False)
     assert not (tmp_path / "f").exists()
+
+
+def test_fit_out_never_clobbers(checkpoint, tmp_path):
+    """--out: a model folder, a folder of other files, a file and earlier factors are refused before any
+    work and left as they were; --overwrite replaces factors; one fit at a time per folder; leftovers of
+    a killed save are swept."""
+    from msif.atomic import OutputLock
+
+    fit = lambda out, *extra: run("fit", checkpoint / "lm", checkpoint / "lm.jsonl", "--out", out, "--no-progress", *extra)  # noqa: E731
+    before = sorted(p.name for p in (checkpoint / "lm").iterdir())
+    code, out = fit(checkpoint / "lm")
+    assert code == 2 and "not an msif factors folder" in out and sorted(p.name for p in (checkpoint / "lm").iterdir()) == before
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    code, out = fit(junk)
+    assert code == 2 and (junk / "notes.txt").read_text() == "mine" and len(out.strip().splitlines()) == 1
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, out = fit(f)
+    assert code == 2 and "is a file" in out and f.read_text() == "x"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing hidden left beside them
+    good = tmp_path / "f"
+    (tmp_path / ".f.tmp-orphan").mkdir()  # a killed earlier save
+    assert fit(good)[0] == 0
+    assert not (tmp_path / ".f.tmp-orphan").exists() and not (tmp_path / ".f.lock").exists()
+    sha = FactorSet.load(good).meta["sha256"]
+    code, out = fit(good, "--seed", 1)
+    assert code == 2 and "--overwrite" in out and FactorSet.load(good).meta["sha256"] == sha
+    with OutputLock(good, "msif fit"):
+        code, out = fit(good, "--seed", 1, "--overwrite")
+    assert code == 2 and "another msif fit process is writing" in out and FactorSet.load(good).meta["sha256"] == sha
+    assert fit(good, "--seed", 1, "--overwrite")[0] == 0 and FactorSet.load(good).meta["sha256"] != sha
+
+
+def test_fit_missing_model_is_one_line(checkpoint, tmp_path):
+    code, out = run("fit", tmp_path / "no-such-model", checkpoint / "lm.jsonl", "--out", tmp_path / "f", "--no-progress")
+    assert code == 2 and "Traceback" not in out and not (tmp_path / "f").exists()

@@ -139,6 +139,9 @@ def test_quick_study(quick, tmp_path):
         assert all(m["matvecs"] == K + 1 for K, m in ref.items())
         assert ref[10]["spearman_mean"] > max(ceil, ek) + 0.1, (key, ref[10]["spearman_mean"], ceil, ek)
         assert ref[10]["spearman_mean"] >= ref[2]["spearman_mean"] - 0.02
+        # beside it: the same from the refined-basis fit, and with the exact block-diagonal preconditioner
+        assert all(f"ekfac_refined_pcg_{K}" in M and f"block_pcg_{K}" in M for K in sc.QUICK.refine_query)
+        assert M["block_pcg_10"]["spearman_mean"] > ceil + 0.1
     kr = r["kronecker"]["offdiagonal_mass"]
     assert 0 <= kr["best"] <= kr["ekfac"] <= 1 and 0 <= kr["ekfac_refined"] <= 1
     assert [row["epoch"] for row in r["sweep"]] == [10, sc.QUICK.epochs]

@@ -111,19 +111,9 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def prepare_out_dir(out_dir: Path, overwrite: bool, what: str) -> None:
     """Refuse to clobber an existing folder unless it is an index and ``overwrite`` is set."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise InputError(f"{str(out_dir)!r} exists and is a file; choose another output folder.")
-    if not any(out_dir.iterdir()):
-        return
-    if not (out_dir / "meta.json").is_file():
-        raise InputError(
-            f"{str(out_dir)!r} exists, is not empty and is not an msif index; refusing to overwrite it. "
-            "Choose another output folder."
-        )
-    if not overwrite:
-        raise InputError(f"{what} {str(out_dir)!r} already exists. Pass overwrite=True (CLI: --overwrite) to replace it.")
+    from ..atomic import prepare_out_dir as prepare
+
+    prepare(out_dir, overwrite, "index", marker="meta.json", flag="overwrite=True (CLI: --overwrite)")
 
 
 def commit_dir(tmp_dir: Path, out_dir: Path) -> None:
