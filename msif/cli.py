@@ -190,6 +190,8 @@ def index(
     from .distributed import init
     from .retrieval import BM25Index, build_index
 
+    if batch_size < 1:  # before anything is opened or written (a .OUT.partial/ was left behind)
+        _fail(f"--batch-size must be ≥ 1, not {batch_size}")
     w, dev = init(device or "cpu")  # under torchrun: the ranks embed blocks of rows in turn, rank 0 writes
     if device is not None:
         device = dev
@@ -285,6 +287,8 @@ def attribute(
 
     from .distributed import init
 
+    _check_attribute_options(damping_pt=damping_pt, damping_ft=damping_ft, batch_size=batch_size, top=top,
+                             candidates=candidates, max_length=max_length, prompt=prompt, answer=answer)
     w, device = init(device)  # under torchrun: the candidates are split across the ranks, rank 0 reports
     qs = _read_queries(prompt, answer, label, queries)
     corp = Corpus(str(corpus), text_field=text_field, id_field=id_field)
@@ -344,9 +348,39 @@ def attribute(
     if not w.main:
         return
     if as_json:
-        print(json.dumps(results, indent=1))
+        try:
+            text = json.dumps(results, indent=1, allow_nan=False)
+        except ValueError:
+            _fail("some scores are NaN or infinite (check the models' weights for NaN); nothing printed")
+        print(text)
         return
     print_results(results)
+
+
+def _check_attribute_options(damping_pt, damping_ft, batch_size, top, candidates, max_length, prompt, answer) -> None:
+    """The options of `msif attribute` that can be judged before anything is loaded: one line each."""
+    from .curvature.factors import Damping
+
+    for flag, d in (("--damping-pt", damping_pt), ("--damping-ft", damping_ft)):
+        try:
+            v = Damping.parse(d)
+        except ValueError:
+            _fail(f"{flag} must be a finite number ≥ 0 (absolute, e.g. 1e-4) or a multiple of the mean eigenvalue "
+                  f"(e.g. 0.1x), not {d!r}")
+        if v.value == 0:
+            console.print(f"[yellow]warning:[/] {flag} 0: an undamped inverse amplifies the curvature's smallest "
+                          "directions without bound; rankings are then dominated by noise (try 0.1x)")
+    for flag, v in (("--batch-size", batch_size), ("--top", top), ("--candidates", candidates)):
+        if v < 1:
+            _fail(f"{flag} must be ≥ 1, not {v}")
+    if max_length is not None and max_length < 2:
+        _fail(f"--max-length must be ≥ 2 tokens, not {max_length}")
+    for flag, text in (("--prompt", prompt), ("--answer", answer)):
+        if text is not None:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                _fail(f"{flag} holds a character that is not valid text ({e.reason} at position {e.start}); fix the input")
 
 
 def _report_refinement(summary: dict | None) -> None:

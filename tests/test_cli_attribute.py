@@ -134,3 +134,31 @@ def test_attribute_refine_query(checkpoint, fitted, tmp_path):  # noqa: F811
     assert code == 2 and "--refine-query must be ≥ 0" in out
     code, out = _attr(checkpoint, fitted, *q, "--refine-query", 1, "--pretrained-data", tmp_path / "nope.jsonl")
     assert code == 2 and "no such file" in out
+
+
+def test_attribute_bad_options_are_one_line(checkpoint, fitted, tmp_path):  # noqa: F811
+    q = ("--prompt", "berlin is in", "--answer", " germany")
+    for extra, msg in (
+        (("--damping-pt", "-1"), "--damping-pt must be a finite number"), (("--damping-ft", "nan"), "--damping-ft must be"),
+        (("--damping-pt", "inf"), "--damping-pt must be"), (("--damping-pt", "abc"), "--damping-pt must be"),
+        (("--damping-pt", "0.1y"), "--damping-pt must be"), (("--batch-size", 0), "--batch-size must be ≥ 1"),
+        (("--top", -3), "--top must be ≥ 1"), (("--top", 0), "--top must be ≥ 1"), (("--candidates", 0), "--candidates must be ≥ 1"),
+        (("--candidates", -5), "--candidates must be ≥ 1"), (("--max-length", 400), "longer than the pre-trained model's context"),
+    ):
+        code, out = _attr(checkpoint, fitted, *q, *extra)
+        assert code == 2 and msg in out and "Traceback" not in out, (extra, out)
+    code, out = _attr(checkpoint, fitted, "--prompt", "berlin \ud800 is in", "--answer", " germany")
+    assert code == 2 and "--prompt holds a character that is not valid text" in out
+    code, out = _attr(checkpoint, fitted, *q, "--damping-pt", "0", "--top", 2)
+    assert "warning: --damping-pt 0" in out and "Traceback" not in out, out  # (here the inverse then does not exist: one more line)
+    code, out = run("index", checkpoint / "lm.jsonl", "--out", tmp_path / "idx", "--batch-size", 0)
+    assert code == 2 and "--batch-size must be ≥ 1" in out and not list(tmp_path.iterdir())
+
+
+def test_console_table_escapes_control_characters(capsys):
+    from msif.report.console import print_results
+
+    print_results([{"method": "gdp", "prompt": "p", "answer": " a", "results": [
+        {"rank": 1, "doc_id": "d\x1b]0;pwned\x07", "score": 1.0, "text": "x\x1b[2Jy"}]}])
+    out = capsys.readouterr().out
+    assert "\x1b]0" not in out and "\x1b[2J" not in out and "\\x1b" in out

@@ -309,6 +309,37 @@ def test_truncated_or_corrupt_factor_file(tmp_path):
         FactorSet.load(tmp_path / "nothing")
 
 
+def test_edited_or_inconsistent_factor_metadata_is_refused(tmp_path):
+    """factors.json decides every score (the Λ normaliser, the strategy, the shapes): an edit, a missing
+    entry or a claimed shape that disagrees with the tensors is one FactorError, not other scores."""
+    import json
+
+    model = tiny_neox(seed=8)
+    fs = fit_factors(model, batches(random_lm_examples(6, seed=6), 3), FitConfig(), fingerprint="t")
+    fs.save(tmp_path / "f")
+    mp = tmp_path / "f" / "factors.json"
+    good = json.loads(mp.read_text())
+    FactorSet.load(tmp_path / "f")
+
+    def write(meta):
+        mp.write_text(json.dumps(meta))
+
+    write({**good, "n_examples_lambda": good["n_examples_lambda"] * 2})
+    with pytest.raises(FactorError, match="edited"):
+        FactorSet.load(tmp_path / "f")
+    unsealed = {k: v for k, v in good.items() if k != "meta_sha256"}  # without the checksum: still checked
+    write({k: v for k, v in unsealed.items() if k != "modules"})
+    with pytest.raises(FactorError, match="malformed.*modules"):
+        FactorSet.load(tmp_path / "f")
+    mods = json.loads(json.dumps(unsealed["modules"]))
+    mods[0]["in_features"] += 1
+    write({**unsealed, "modules": mods})
+    with pytest.raises(FactorError, match="claims"):
+        FactorSet.load(tmp_path / "f")
+    write(good)
+    assert FactorSet.load(tmp_path / "f").n_examples_lambda == good["n_examples_lambda"]
+
+
 def test_save_is_atomic_when_interrupted(tmp_path, monkeypatch):
     model = tiny_neox(seed=8)
     fs = fit_factors(model, batches(random_lm_examples(6, seed=6), 3), FitConfig(), fingerprint="t")

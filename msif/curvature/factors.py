@@ -333,6 +333,7 @@ class FactorSet:
                 tensor_bytes=tensor_path.stat().st_size,
                 factor_dtype=str(self.dtype).removeprefix("torch."),
             )
+            meta["meta_sha256"] = _meta_sha256(meta)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
 
         return atomic_dir(out_dir, write)
@@ -356,8 +357,12 @@ class FactorSet:
             meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FactorError(f"{meta_path} is corrupt ({e}); re-run `msif fit`") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise FactorError(f"{p}: factor format {meta.get('format_version')} is not {FORMAT_VERSION}; re-fit")
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            got = meta.get("format_version") if isinstance(meta, dict) else None
+            raise FactorError(f"{p}: factor format {got} is not {FORMAT_VERSION}; re-fit")
+        if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:
+            raise FactorError(f"{meta_path} was edited after it was written (it does not match its checksum): its counts, "
+                              "strategy and shapes decide every score; re-run `msif fit`")
         size = tensor_path.stat().st_size
         if size != meta.get("tensor_bytes"):
             raise FactorError(
@@ -375,17 +380,21 @@ class FactorSet:
                         t[key] = f.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as e:
             raise FactorError(f"{tensor_path} cannot be read ({e}); re-run `msif fit`") from None
-        modules = {d["name"]: _tm_from_json(d) for d in meta["modules"]}
-        blocks = {b.name: b for tm in modules.values() for b in tm.blocks}
-        fs = cls(
-            strategy=meta["strategy"],
-            modules=modules,
-            blocks=blocks,
-            n_tokens=meta["n_tokens"],
-            n_examples_cov=meta["n_examples_cov"],
-            n_examples_lambda=meta["n_examples_lambda"],
-            meta={k: v for k, v in meta.items() if k not in ("modules",)},
-        )
+        try:
+            modules = {d["name"]: _tm_from_json(d) for d in meta["modules"]}
+            blocks = {b.name: b for tm in modules.values() for b in tm.blocks}
+            fs = cls(
+                strategy=meta["strategy"],
+                modules=modules,
+                blocks=blocks,
+                n_tokens=meta["n_tokens"],
+                n_examples_cov=meta["n_examples_cov"],
+                n_examples_lambda=meta["n_examples_lambda"],
+                meta={k: v for k, v in meta.items() if k not in ("modules",)},
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise FactorError(f"{meta_path} is incomplete or malformed (entry {e}); re-run `msif fit`") from None
+        _check_shapes(t, modules, blocks, meta_path)
         if skip:
             fs.meta["sums_dropped"] = True
         for key in list(t):
@@ -416,6 +425,32 @@ class FactorSet:
                 f"not on the {what} they are applied to (fingerprint {fingerprint[:12]}…). Fit factors for this "
                 "model with `msif fit`, or pass the model they were fitted on."
             )
+
+
+def _meta_sha256(meta: dict) -> str:
+    """Checksum of the metadata without its own checksum field (canonical JSON)."""
+    import hashlib
+
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_shapes(t: dict, modules: dict, blocks: dict, meta_path) -> None:
+    """Every tensor of the file has the shape its module / block in the metadata claims."""
+    for key, x in t.items():
+        kind, name = key.split("/", 1)
+        if kind in ("A_sum", "QA", "eigA"):
+            tm = modules.get(name)
+            want = None if tm is None else ((tm.in_dim,) if kind == "eigA" else (tm.in_dim, tm.in_dim))
+        else:
+            b = blocks.get(name)
+            tm = None if b is None else modules.get(b.module)
+            want = None if tm is None else {"S_sum": (b.out_dim, b.out_dim), "QS": (b.out_dim, b.out_dim), "eigS": (b.out_dim,),
+                                            "lambda_sum": (b.out_dim, tm.in_dim)}.get(kind, tuple(x.shape))
+        if want is None:
+            raise FactorError(f"{meta_path} does not describe tensor {key!r} of the factor file; re-run `msif fit`")
+        if tuple(x.shape) != tuple(want):
+            raise FactorError(f"tensor {key!r} has shape {tuple(x.shape)}, {meta_path} claims {tuple(want)}; re-run `msif fit`")
 
 
 def _tm_to_json(tm: TrackedModule) -> dict:

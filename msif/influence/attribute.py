@@ -163,7 +163,16 @@ class Attributor:
             raise ValueError("template must be 'plain' or 'chat'")
         self.template = template
         self.batch_size = batch_size
-        self.max_length = max_length or getattr(self.pt.config, "max_position_embeddings", None)
+        context = getattr(self.pt.config, "max_position_embeddings", None)
+        if max_length is not None and context is not None and max_length > context:
+            raise InputError(f"--max-length {max_length} is longer than the pre-trained model's context of {context} "
+                             "positions; give at most that")
+        self.max_length = max_length or context
+        from ..models.loading import check_tokenizer
+
+        check_tokenizer(self.pt, self.tok)  # a larger vocabulary than the embedding: one line, not an IndexError
+        if self.ft_tok is not self.tok:
+            check_tokenizer(self.ft, self.ft_tok)
         self.truncate = truncate
         self.max_new_tokens = max_new_tokens
         self.device = device

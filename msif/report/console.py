@@ -36,6 +36,12 @@ def highlight_segments(tokens: list[str], scores: list[float], n: int = 3, width
     return out
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (ANSI / OSC escapes, C1 codes, carriage returns…) shown as
+    ``\\x1b``-style escapes, so that a corpus cannot recolour, retitle or clear the terminal."""
+    return "".join(c if c.isprintable() or c in " \t" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def print_results(results: list[dict]) -> None:
     """Print attribution results (:meth:`Attribution.to_json` shape) as rich tables."""
     from rich.table import Table
@@ -45,7 +51,7 @@ def print_results(results: list[dict]) -> None:
     for r in results:
         what = f"label {r['label']}" if r.get("label") is not None else repr(r.get("answer"))
         gen = " (generated)" if r.get("generated") else ""
-        title = f"{r['method']}: {r['prompt']!r} → {what}{gen}"
+        title = printable(f"{r['method']}: {r['prompt']!r} → {what}{gen}")
         t = Table(title=Text(title), show_lines=False, expand=False)
         t.add_column("rank", justify="right")
         t.add_column("document", overflow="fold")
@@ -56,10 +62,10 @@ def print_results(results: list[dict]) -> None:
             snip = Text()
             if "tokens" in h:
                 for piece, hot in highlight_segments(h["tokens"], h["token_scores"]):
-                    snip.append(piece, style="bold magenta underline" if hot else None)
+                    snip.append(printable(piece), style="bold magenta underline" if hot else None)
             else:
-                snip.append((h.get("text") or "")[:220])
-            doc = Text(str(h["doc_id"]))
+                snip.append(printable((h.get("text") or "")[:220]))
+            doc = Text(printable(str(h["doc_id"])))
             if h["doc_id"] in gold:
                 doc.append(" ✓ states the fact", style="green")
             t.add_row(str(h["rank"]), doc, f"{h['score']:.4g}", snip)
