@@ -384,3 +384,16 @@ def test_tfidf_cosine(tmp_path):
     (tmp_path / "tfidf" / "idf.npy").write_bytes(b"garbage")
     with pytest.raises(StoredIndexError, match="corrupt"):
         TfidfIndex.load(tmp_path / "tfidf")
+
+
+def test_one_build_per_index_folder(built, tmp_path):
+    from msif.atomic import OutputLock
+
+    path, ix, enc, vi = built
+    out = tmp_path / "ix2"
+    with OutputLock(out, "msif index"):
+        with pytest.raises(InputError, match="another msif index process is writing"):
+            build_index(path, out, model=enc, progress=False)
+    assert not out.exists()
+    build_index(path, out, model=enc, progress=False, index_type="flat")
+    assert (out / "meta.json").is_file() and not (tmp_path / ".ix2.lock").exists()

@@ -487,7 +487,30 @@ def build_index_from_vectors(
     )  # fmt: skip
 
 
-def build_index(
+def build_index(corpus_path, out_dir, *args, **kwargs) -> "VectorIndex":
+    """:func:`_build_index` (the arguments and what it does) with the output folder held by one build at
+    a time: a second ``msif index`` into the same folder gets one line instead of a crash or a
+    silently half-indexed folder (rank 0 holds the lock; every rank learns whether it got it)."""
+    from msif.atomic import OutputLock
+
+    w = world()
+    lock, err = None, None
+    if w.main:
+        try:
+            lock = OutputLock(out_dir, "msif index").__enter__()
+        except InputError as e:
+            err = e
+    err = broadcast_object(err, "locking the index folder")
+    if err is not None:
+        raise err
+    try:
+        return _build_index(corpus_path, out_dir, *args, **kwargs)
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _build_index(
     corpus_path: str | os.PathLike | Corpus,
     out_dir: str | os.PathLike,
     model=None,
