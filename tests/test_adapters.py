@@ -520,3 +520,22 @@ def test_registration_does_not_leak():
     assert "gpt_neo" not in supported_model_types()
     for t in ("gpt_neox", "bloom", "gpt2", "llama", "mistral", "qwen2", "opt"):
         assert t in supported_model_types()
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_fit_does_not_depend_on_the_batch_size(arch):
+    """Padded batches of 4 give the factors of one sequence at a time (OPT flattens its MLP tokens to
+    (B·T, d): the hooks put them back to (B, T, d))."""
+    from msif.curvature.fit import FitConfig, fit_factors
+    from msif.data.encoding import Encoded, collate
+
+    model = make_model(arch).double()
+    g = torch.Generator().manual_seed(3)
+    exs = [Encoded(torch.randint(1, VOCAB, (int(L),), generator=g).tolist(), [True] * (int(L) - 1) + [False], index=i)
+           for i, L in enumerate(torch.randint(3, 9, (8,), generator=g))]
+    f4 = fit_factors(model, [collate(exs[i : i + 4]) for i in range(0, 8, 4)], FitConfig(), progress=False)
+    f1 = fit_factors(model, [collate([e]) for e in exs], FitConfig(), progress=False)
+    for k in f1.A_sum:
+        torch.testing.assert_close(f4.A_sum[k], f1.A_sum[k], rtol=1e-10, atol=1e-12)
+    for k in f1.stats:  # the covariances (basis-free: Λ lives in eigenbases that degenerate directions leave free)
+        torch.testing.assert_close(f4.stats[k].S_sum, f1.stats[k].S_sum, rtol=1e-9, atol=1e-12)

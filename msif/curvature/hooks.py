@@ -55,11 +55,18 @@ class Recorder:
         self._handles = []
         self._frozen = None
         self._emb_out: torch.Tensor | None = None
+        self._bt: tuple[int, int] | None = None  # (B, T) of the batch in flight
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, ·)`` for a layer that sees its tokens flattened to ``(B·T, ·)`` (OPT's MLP)."""
+        if x.dim() == 2 and self._bt is not None and x.shape[0] == self._bt[0] * self._bt[1]:
+            return x.reshape(*self._bt, x.shape[-1])
+        return x
 
     def _make_hook(self, tm: TrackedModule):
         def hook(mod, args, output):
             if self.record_inputs:
-                a = args[0].detach()
+                a = self._tokens(args[0].detach())
                 if tm.bias and self.append_ones:
                     a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
                 if self.on_input is not None:
@@ -68,7 +75,7 @@ class Recorder:
                     self.inputs[tm.name] = a
             if self.on_grad is not None:
                 if output.requires_grad:
-                    output.register_hook(lambda g: self.on_grad(tm, g))
+                    output.register_hook(lambda g: self.on_grad(tm, self._tokens(g)))
             else:
                 self.outputs[tm.name] = output
 
@@ -77,6 +84,7 @@ class Recorder:
     def _require_grad_and_keep(self, mod, args, output):
         out = self._require_grad(mod, args, output)
         self._emb_out = out
+        self._bt = tuple(out.shape[:2]) if out.dim() == 3 else None
         return out
 
     def backward(self, output: torch.Tensor, grad: torch.Tensor | None = None) -> None:
@@ -114,6 +122,6 @@ class Recorder:
         grads = torch.autograd.grad(loss, [self.outputs[n] for n in names], allow_unused=True)
         out = {}
         for n, g in zip(names, grads):
-            out[n] = torch.zeros_like(self.outputs[n]) if g is None else g
+            out[n] = self._tokens(torch.zeros_like(self.outputs[n]) if g is None else g)
         self.outputs.clear()
         return out
