@@ -74,6 +74,8 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "doc_ids.parquet"
 _EMB_FILE = "embeddings.npy"
 _PROGRESS_FILE = "progress.json"
+#: rows embedded (per rank) between two progress checkpoints of a build
+CHECKPOINT_ROWS = 1024
 _METRIC = "inner_product on L2-normalised vectors (cosine)"
 
 
@@ -583,10 +585,11 @@ def _build_index(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, initial=done, unit="doc", desc="embedding corpus")
-    # rows per unit of work: whole batches (so every rank embeds the batches one process would), at most
-    # 16k, and small enough that a small corpus still gives every rank a share
+    # rows per unit of work: whole batches (so every rank embeds the batches one process would), about
+    # CHECKPOINT_ROWS (the progress is written after each, so a killed build loses at most that much), and
+    # small enough that a small corpus still gives every rank a share
     per_rank = -(-(n - done) // (w.size * batch_size))
-    block = batch_size * max(1, min(-(-16_384 // batch_size), per_rank))
+    block = batch_size * max(1, min(-(-CHECKPOINT_ROWS // batch_size), per_rank))
     starts = list(range(done, n, block))
     for first in range(0, len(starts), w.size):
         part = None
