@@ -143,6 +143,10 @@ def _fit(model, data, out, tokenizer, cfg, w, device, fields, max_length, trunca
     if isinstance(data, ExampleBatches):  # where the factors come from: refined query vectors sample it again
         from dataclasses import asdict
 
+        from .models.loading import tokenizer_fingerprint
+
+        fs.meta["tokenizer"] = tokenizer_fingerprint(data.tokenizer)  # attribute refuses texts encoded by another one
+
         fs.meta["data"] = dict(path=str(Path(data.path).resolve()), fields=asdict(data.fields), max_length=data.max_length,
                                truncate=data.truncate)
     if out is not None:

@@ -162,3 +162,20 @@ def test_console_table_escapes_control_characters(capsys):
         {"rank": 1, "doc_id": "d\x1b]0;pwned\x07", "score": 1.0, "text": "x\x1b[2Jy"}]}])
     out = capsys.readouterr().out
     assert "\x1b]0" not in out and "\x1b[2J" not in out and "\\x1b" in out
+
+
+def test_attribute_refuses_a_tokenizer_the_factors_were_not_fitted_with(checkpoint, fitted, tmp_path):  # noqa: F811
+    """A tokenizer of another vocabulary, smaller than the embedding (so no size check can see it), is refused
+    against the vocabulary fingerprint the factors recorded."""
+    from test_cli_fit import SENTENCES
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(list(reversed(SENTENCES)) + ["zebra"], trainers.WordLevelTrainer(
+        special_tokens=["[PAD]", "[BOS]", "[EOS]", "[UNK]"], vocab_size=12))
+    other = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]")
+    other.save_pretrained(tmp_path / "tok")
+    code, out = _attr(checkpoint, fitted, "--prompt", "berlin is in", "--answer", " germany", "--tokenizer", tmp_path / "tok")
+    assert code == 2 and "fitted with another tokenizer" in out

@@ -195,6 +195,13 @@ class Attributor:
                 self._check(self.pt_factors, self.pt, "pre-trained model", model_fingerprint)
             if self.ft_factors is not None:
                 self._check(self.ft_factors, self.ft, "fine-tuned model", model_fingerprint)
+            from ..models.loading import tokenizer_fingerprint
+
+            for fs, tok, what in ((self.pt_factors, self.tok, "pre-trained"), (self.ft_factors, self.ft_tok, "fine-tuned")):
+                want = None if fs is None else fs.meta.get("tokenizer")
+                if want is not None and tokenizer_fingerprint(tok) not in (None, want):
+                    raise FactorError(f"the {what} factors were fitted with another tokenizer (a different vocabulary): "
+                                      "pass the tokenizer they were fitted with (--tokenizer), or re-fit them with this one")
 
     @staticmethod
     def _check(fs: FactorSet, model, what, model_fingerprint):

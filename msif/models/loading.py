@@ -280,6 +280,20 @@ def _tensor_digest(t: torch.Tensor) -> tuple[bytes, int]:
     return sample.numpy().tobytes(), total
 
 
+def tokenizer_fingerprint(tokenizer) -> str | None:
+    """A short hash (16 hex characters) of a tokenizer's vocabulary (token → id, added tokens included),
+    or ``None`` for an object without ``get_vocab``. Two tokenizers with the same size but another
+    vocabulary differ: factors fitted through one do not describe texts encoded by the other."""
+    import hashlib
+    import json
+
+    vocab = getattr(tokenizer, "get_vocab", None)
+    if vocab is None:
+        return None
+    items = sorted(vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
 def model_fingerprint(model: nn.Module, tms: Sequence[TrackedModule]) -> str:
     """A stable short hash (20 hex characters) of a model's tracked backbone.
 
