@@ -400,3 +400,24 @@ def test_one_build_per_index_folder(built, tmp_path):
     assert not out.exists()
     build_index(path, out, model=enc, progress=False, index_type="flat")
     assert (out / "meta.json").is_file() and not (tmp_path / ".ix2.lock").exists()
+
+
+def test_index_sees_an_edit_outside_the_sampled_rows(tmp_path):
+    """The sampled fingerprint misses most rows; the stored content hash does not (re-hashed only when the
+    file's size or time changed)."""
+    from msif.data.corpus import Corpus, fingerprints_match
+
+    n = 500
+    rows = [{"id": f"doc{i}", "text": f"text number {i}"} for i in range(n)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    enc = HashEncoder()
+    build_index(path, tmp_path / "ix", model=enc, progress=False)
+    load_index(tmp_path / "ix", corpus=path, model=enc)  # unchanged: accepted
+    stored = json.loads((tmp_path / "ix" / "meta.json").read_text())["corpus"]
+    sample = set(range(8)) | set(range(n - 8, n)) | set(np.linspace(0, n - 1, 64).astype(int).tolist())
+    r = next(i for i in range(n) if i not in sample)
+    rows[r]["text"] = rows[r]["text"][:-1] + "X"  # one character, same size, a row no sample looks at
+    write_jsonl(path, rows)
+    assert fingerprints_match(stored, Corpus(path).fingerprint()) is None  # what the sampled check alone saw
+    with pytest.raises(StoredIndexError, match="edited"):
+        load_index(tmp_path / "ix", corpus=path, model=enc)

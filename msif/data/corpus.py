@@ -51,6 +51,7 @@ __all__ = [
     "open_corpus",
     "detect_format",
     "fingerprints_match",
+    "corpus_matches",
     "SUPPORTED_FORMATS",
 ]
 
@@ -735,6 +736,18 @@ class Corpus:
             "sample_sha256": h.hexdigest(),
         }
 
+    def content_sha256(self, batch_size: int = 4096) -> str:
+        """A hash of every row's id and text, in order: one read pass (an index stores it, so that an
+        edit anywhere in the corpus is seen, not only in :meth:`fingerprint`'s sampled rows)."""
+        h = hashlib.sha256()
+        h.update(f"{len(self)}|{self.text_field}|{self.id_field}".encode())
+        field = self.text_field if self.text_field is not None else None
+        for b in self.iter_batches(batch_size, field=field):
+            for j, (d, t) in enumerate(zip(b.ids, b.texts)):
+                h.update(f"\x00{b.start + j}\x00{d}\x00".encode())
+                h.update(("" if t is None else str(t)).encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
+
     # ---------------------------------------------------------------- helpers
     def _stream(self, start, limit, cols, size):
         if start < 0:
@@ -851,4 +864,18 @@ def fingerprints_match(stored: dict, current: dict) -> str | None:
             if key == "sample_sha256":
                 return "the sampled rows' ids/texts differ (the corpus content changed)"
             return f"{key} differs ({stored.get(key)!r} when built, {current.get(key)!r} now)"
+    return None
+
+
+def corpus_matches(stored: dict, corpus: "Corpus") -> str | None:
+    """:func:`fingerprints_match`, and where ``stored`` holds a :meth:`Corpus.content_sha256`, every row:
+    re-hashed (one read pass) only when the files' size or modification time changed since then."""
+    current = corpus.fingerprint()
+    why = fingerprints_match(stored, current)
+    if why is not None or "content_sha256" not in stored:
+        return why
+    if (stored.get("bytes"), stored.get("mtime_ns")) == (current["bytes"], current["mtime_ns"]):
+        return None
+    if corpus.content_sha256() != stored["content_sha256"]:
+        return "a row's id or text differs (the corpus was edited since)"
     return None

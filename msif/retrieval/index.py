@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from msif.data.corpus import Corpus, fingerprints_match, open_corpus
+from msif.data.corpus import Corpus, corpus_matches, open_corpus
 from msif.data.encoding import InputError
 from msif.distributed import barrier, broadcast_object, gather_objects, world
 from msif.retrieval.common import (
@@ -324,7 +324,7 @@ class VectorIndex:
         if not stored:
             return
         c = open_corpus(corpus, text_field=stored.get("text_field") or "text", id_field=stored.get("id_field"), split=stored.get("split"))
-        why = fingerprints_match(stored, c.fingerprint())
+        why = corpus_matches(stored, c)
         if why is not None:
             raise StoredIndexError(
                 f"Index {str(self.folder)!r} was built for corpus {stored.get('path')!r} ({stored.get('n_rows')} rows), "
@@ -470,6 +470,7 @@ def build_index_from_vectors(
     if corpus is not None:
         c = open_corpus(corpus)
         corpus_meta = c.fingerprint()
+        corpus_meta["content_sha256"] = c.content_sha256()
         if corpus_meta["n_rows"] != n:
             raise InputError(f"corpus {str(c.path)!r} has {corpus_meta['n_rows']} rows but {n} vectors were given.")
     tmp = _tmp_dir(out_dir)
@@ -564,6 +565,7 @@ def _build_index(
     encoder = as_encoder(model, device=device)
     n, d = len(corpus), int(encoder.dim)
     fp = corpus.fingerprint()
+    fp["content_sha256"] = corpus.content_sha256()  # every row, so that a later edit anywhere is seen
     stamp = {"corpus": fp["sample_sha256"], "n": n, "model": getattr(encoder, "name", None), "dim": d}
 
     tmp = _tmp_dir(out_dir)
