@@ -39,6 +39,7 @@ def atomic_dir(path: str | os.PathLike, writer: Callable[[Path], object]) -> Pat
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the final folder gets the user's umask like any mkdir
     try:
         writer(tmp)
         if out.exists():
@@ -52,6 +53,13 @@ def atomic_dir(path: str | os.PathLike, writer: Callable[[Path], object]) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def prepare_out_dir(out_dir: str | os.PathLike, overwrite: bool, what: str, marker: str, flag: str = "--overwrite") -> None:

@@ -537,3 +537,18 @@ def test_refinement_settings_and_merge_are_guarded():
     b = fit_factors(model, batches(exs[4:], 4), FitConfig(refine=1), fingerprint="t")
     with pytest.raises(FactorError, match="cannot be merged"):
         a.merge_(b)
+
+
+def test_saved_factor_folder_gets_the_users_umask(tmp_path):
+    import os
+    import stat
+
+    model = tiny_neox(seed=8)
+    fs = fit_factors(model, batches(random_lm_examples(4, seed=6), 2), FitConfig(), fingerprint="t")
+    old = os.umask(0o022)
+    try:
+        fs.save(tmp_path / "f")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o755  # not mkdtemp's 0700
+    assert stat.S_IMODE((tmp_path / "f" / "factors.json").stat().st_mode) == 0o644
