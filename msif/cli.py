@@ -9,6 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 
@@ -94,6 +95,12 @@ def user_errors(fn):
         except (InputError, FactorError, UnsupportedArchitectureError, FileNotFoundError, FloatingPointError,
                 DistributedError, ModelLoadError, TokenizerMismatchError, BackboneMismatchError) as e:
             _fail(str(e))
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception:  # not an input msif expects: a bug, with its traceback
+            console.print("[bold red]msif hit an unexpected error: this is a bug; please report it with the command "
+                          "line and the traceback below[/]")
+            raise
 
     return wrapper
 
