@@ -225,7 +225,7 @@ def _fit_or_load(path: Path, model_dir: Path, data: Path, objective: str, seed: 
         except FactorError:
             pass
     fs = fit(str(model_dir), str(data), out=path, objective=objective, seed=seed, batch_size=cfg.fit_batch_size,
-             max_examples=cfg.max_fit_examples, progress=False, refine=cfg.refine)
+             max_examples=cfg.max_fit_examples, progress=False, refine=cfg.refine, overwrite=True)  # our own cache folder
     return fs, True
 
 
