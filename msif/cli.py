@@ -84,16 +84,11 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*a, **k):
-        from .curvature.factors import FactorError
-        from .data.encoding import InputError
-        from .distributed import DistributedError
-        from .models.adapters import UnsupportedArchitectureError
-        from .models.loading import BackboneMismatchError, ModelLoadError, TokenizerMismatchError
+        from .errors import MsifError
 
         try:
             return fn(*a, **k)
-        except (InputError, FactorError, UnsupportedArchitectureError, FileNotFoundError, FloatingPointError,
-                DistributedError, ModelLoadError, TokenizerMismatchError, BackboneMismatchError) as e:
+        except (MsifError, FileNotFoundError, FloatingPointError) as e:  # every failure msif expects
             _fail(str(e))
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import MsifError
 from .data.encoding import InputError
 
 TIMEOUT_ENV = "MSIF_DIST_TIMEOUT"
@@ -34,7 +35,7 @@ DEFAULT_TIMEOUT_S = 1800.0
 BUCKET_ELEMS = 1 << 25  # sums are reduced in flat buckets of at most this many elements
 
 
-class DistributedError(RuntimeError):
+class DistributedError(MsifError, RuntimeError):
     """A collective operation failed: another rank stopped, raised, or timed out."""
 
 

@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import MsifError
+
 __all__ = [
     "NotConvergedError",
     "ConvergenceWarning",
@@ -50,7 +52,7 @@ class ConvergenceWarning(UserWarning):
     """An iterative solver stopped before reaching its tolerance."""
 
 
-class NotConvergedError(RuntimeError):
+class NotConvergedError(MsifError, RuntimeError):
     """Conjugate gradient did not reach its tolerance; ``.result`` holds the unconverged :class:`CGResult`."""
 
     def __init__(self, message: str, result: "CGResult"):
@@ -58,7 +60,7 @@ class NotConvergedError(RuntimeError):
         self.result = result
 
 
-class LissaDivergedError(FloatingPointError):
+class LissaDivergedError(MsifError, FloatingPointError):
     """The LiSSA recursion blew up: the scale is too small for ``λ_max + λ``."""
 
 

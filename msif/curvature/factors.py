@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..errors import MsifError
 from .. import __version__
 from ..atomic import atomic_dir
 from ..tensorfile import save_tensors
@@ -43,7 +44,7 @@ TENSOR_FILE = "factors.safetensors"
 META_FILE = "factors.json"
 
 
-class FactorError(ValueError):
+class FactorError(MsifError, ValueError):
     """Factors that cannot be used: corrupt, truncated, or fitted on another model."""
 
 

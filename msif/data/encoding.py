@@ -16,8 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import MsifError
 
-class InputError(ValueError):
+
+class InputError(MsifError, ValueError):
     """Bad user input (empty answer, over-long sequence, missing field...). The message says the fix."""
 
 

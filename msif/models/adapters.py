@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import MsifError
+
 ROLES = ("mlp", "attention")
 
 
@@ -255,7 +257,7 @@ def _generic(model: nn.Module, per_head: bool) -> list[TrackedModule]:
     return out
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(MsifError, ValueError):
     pass
 
 

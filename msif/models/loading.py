@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from msif.models.adapters import TrackedModule
+from ..errors import MsifError
 
 TASKS = ("causal_lm", "classification", "auto")
 
@@ -31,15 +32,15 @@ FINGERPRINT_SAMPLE = 65536
 _SUM_CHUNK = 1 << 24
 
 
-class ModelLoadError(OSError):
+class ModelLoadError(MsifError, OSError):
     """A checkpoint or tokenizer could not be loaded (missing folder, unreachable hub, bad files)."""
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(MsifError, ValueError):
     """The tokenizer does not fit the model's vocabulary."""
 
 
-class BackboneMismatchError(ValueError):
+class BackboneMismatchError(MsifError, ValueError):
     """Two models do not share the tracked backbone that multi-stage influence needs."""
 
 
