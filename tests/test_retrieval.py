@@ -421,3 +421,67 @@ def test_index_sees_an_edit_outside_the_sampled_rows(tmp_path):
     assert fingerprints_match(stored, Corpus(path).fingerprint()) is None  # what the sampled check alone saw
     with pytest.raises(StoredIndexError, match="edited"):
         load_index(tmp_path / "ix", corpus=path, model=enc)
+
+
+INDEX_CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_retrieval import HashEncoder
+from msif.retrieval import build_index
+
+class Slow(HashEncoder):
+    def encode(self, texts, batch_size=64, progress=False):
+        time.sleep(0.05)
+        return super().encode(texts, batch_size, progress)
+
+build_index({path!r}, {out!r}, model=Slow(), batch_size=250, progress=False)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_sigkill_of_an_index_build_leaves_no_index_and_resumes_to_the_same_one(tmp_path, trial):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    n = 6000
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": f"doc{i}", "text": f"text number {i}"} for i in range(n)])
+    out = tmp_path / "ix"
+    progress = tmp_path / ".ix.partial" / "progress.json"
+    target = random.Random(trial).randrange(1, 4) * 1000  # rows checkpointed before the kill
+    child = subprocess.Popen([sys.executable, "-c", INDEX_CHILD.format(tests=str(Path(__file__).parent), path=str(path), out=str(out))],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if json.loads(progress.read_text())["rows_done"] >= target:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            assert child.poll() is None, child.stdout.read()
+            time.sleep(0.01)
+        else:
+            pytest.fail("the child build never reached the kill point")
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+    assert not out.exists()  # nothing that looks like a finished index
+    with pytest.raises(StoredIndexError):
+        load_index(out)
+    done = json.loads(progress.read_text())["rows_done"]
+    assert target <= done < n
+    enc = HashEncoder()
+    build_index(path, out, model=enc, batch_size=250, progress=False, keep_embeddings=True)
+    assert enc.seen == n - done  # resumed where the checkpoint was
+    whole = HashEncoder()
+    build_index(path, tmp_path / "whole", model=whole, batch_size=250, progress=False, keep_embeddings=True)
+    np.testing.assert_array_equal(np.load(out / "embeddings.npy"), np.load(tmp_path / "whole" / "embeddings.npy"))
+    assert json.loads((out / "meta.json").read_text())["corpus"] == json.loads((tmp_path / "whole" / "meta.json").read_text())["corpus"]
