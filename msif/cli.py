@@ -630,14 +630,16 @@ def plan(
 def main():
     from .distributed import broken, exit_now, shutdown
 
+    ok = False
     try:
         app()
     except SystemExit as e:
         if broken():  # a collective failed (its message is printed): leave without the group's destructors
             exit_now(e.code if isinstance(e.code, int) and e.code else 1)
+        ok = e.code in (None, 0)
         raise
     finally:
-        shutdown()
+        shutdown(success=ok)
 
 
 if __name__ == "__main__":

@@ -111,10 +111,18 @@ def broken() -> bool:
     return _BROKEN
 
 
-def shutdown() -> None:
-    """Leave the process group (after the last collective; not after a failed one, see :func:`exit_now`)."""
+def shutdown(success: bool = False) -> None:
+    """Leave the process group (after the last collective; not after a failed one, see :func:`exit_now`).
+    ``success``: every rank ended the command normally, so all of them reach a last barrier and destroy
+    the group together (a rank that tore its group down while a slower peer was still in its own
+    teardown could take that peer down with SIGABRT)."""
     global _WORLD
     if dist.is_available() and dist.is_initialized() and not _BROKEN:
+        if success and _WORLD.active:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass
         dist.destroy_process_group()
     _WORLD = World()
 
