@@ -90,3 +90,28 @@ def train_steps(model, batches_, objective: str, steps: int, lr: float = 1e-2, s
         summed_loss(model_logits(model, b), data_targets(b, objective)).mean().backward()
         opt.step()
     return model.eval()
+
+
+def sigkill_when(child, ready, what: str, timeout: float = 120.0) -> None:
+    """SIGKILL the subprocess ``child`` as soon as ``ready()`` is true (polled); fail if it ends first or
+    never gets there. ``what`` names the run in the failure message."""
+    import signal
+    import time
+
+    import pytest
+
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if ready():
+                break
+            assert child.poll() is None, child.stdout.read()
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"the child {what} never reached the kill point")
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL

@@ -19,7 +19,7 @@ import torch
 from msif.curvature import checkpoint as ckpt
 from msif.curvature.fit import FitConfig, fit_factors
 
-from helpers import batches, random_lm_examples, tiny_neox
+from helpers import batches, random_lm_examples, sigkill_when, tiny_neox
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,22 +97,8 @@ def test_sigkill_at_a_random_batch_then_resume_equals_uninterrupted(tmp_path, tr
     env = dict(os.environ, OMP_NUM_THREADS="1")
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=str(Path(__file__).parent), ck=str(ck))],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            st = _state(ck)
-            if st is not None and (st["stage"], st["batches"]) >= (stage, batch):
-                break
-            assert child.poll() is None, child.stdout.read()
-            time.sleep(0.01)
-        else:
-            pytest.fail("the child fit never reached the kill point")
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == -signal.SIGKILL
+    reached = lambda: (st := _state(ck)) is not None and (st["stage"], st["batches"]) >= (stage, batch)  # noqa: E731
+    sigkill_when(child, reached, "fit")
     killed_at = _state(ck)
     assert killed_at is not None and (killed_at["stage"], killed_at["batches"]) >= (stage, batch)
     assert (killed_at["stage"], killed_at["batches"]) < (3, 0)  # really interrupted, not finished

@@ -442,11 +442,11 @@ print("finished", flush=True)
 @pytest.mark.parametrize("trial", range(2))
 def test_sigkill_of_an_index_build_leaves_no_index_and_resumes_to_the_same_one(tmp_path, trial):
     import random
-    import signal
     import subprocess
     import sys
-    import time
     from pathlib import Path
+
+    from helpers import sigkill_when
 
     n = 6000
     path = write_jsonl(tmp_path / "c.jsonl", [{"id": f"doc{i}", "text": f"text number {i}"} for i in range(n)])
@@ -455,24 +455,14 @@ def test_sigkill_of_an_index_build_leaves_no_index_and_resumes_to_the_same_one(t
     target = random.Random(trial).randrange(1, 4) * 1000  # rows checkpointed before the kill
     child = subprocess.Popen([sys.executable, "-c", INDEX_CHILD.format(tests=str(Path(__file__).parent), path=str(path), out=str(out))],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if json.loads(progress.read_text())["rows_done"] >= target:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            assert child.poll() is None, child.stdout.read()
-            time.sleep(0.01)
-        else:
-            pytest.fail("the child build never reached the kill point")
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == -signal.SIGKILL
+
+    def reached():
+        try:
+            return json.loads(progress.read_text())["rows_done"] >= target
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    sigkill_when(child, reached, "index build")
     assert not out.exists()  # nothing that looks like a finished index
     with pytest.raises(StoredIndexError):
         load_index(out)
