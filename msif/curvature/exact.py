@@ -169,13 +169,9 @@ def _as_float64(model: nn.Module) -> nn.Module:
 
 def weight_dict(theta: torch.Tensor, tms: Sequence[TrackedModule]) -> dict[str, torch.Tensor]:
     """``θ (D,)`` → ``{"<module>.weight": ..., "<module>.bias": ...}`` in the modules' own storage layout."""
-    d = {}
-    for tm, m in zip(tms, unflatten(theta, tms).values()):
-        w = m[:, : tm.in_features]
-        d[f"{tm.name}.weight"] = w.T if tm.transposed else w
-        if tm.bias:
-            d[f"{tm.name}.bias"] = m[:, tm.in_features]
-    return d
+    from .gvp import split_weights
+
+    return split_weights(unflatten(theta, tms), tms)
 
 
 def _check_objective(objective: str) -> str:

@@ -100,10 +100,15 @@ class GGNOperator:
         self._step: float | None = None
 
     # ------------------------------------------------------------------ the stage's outputs as a function of W
-    def _outputs(self, W: dict, batch: Batch) -> torch.Tensor:
-        """Last hidden states ``(B, T, d)`` (plain head) or logits ``(B, T, V)`` / ``(B, C)``."""
+    def _params(self, W: dict) -> dict:
+        """Every parameter and buffer of the model, the tracked weights taken from ``W``."""
         params = dict(self.frozen)
         params.update(split_weights(W, self.tms))
+        return params
+
+    def _outputs(self, W: dict, batch: Batch) -> torch.Tensor:
+        """Last hidden states ``(B, T, d)`` (plain head) or logits ``(B, T, V)`` / ``(B, C)``."""
+        params = self._params(W)
         kw = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **self.kwargs}
         # the math SDPA backend is plain differentiable ops: forward-mode AD and vmapped pull-backs work
         with sdpa_kernel([SDPBackend.MATH]):
@@ -144,10 +149,8 @@ class GGNOperator:
                 for b in self.batches:
                     b = b.to(self.device)
                     W = {n: w.clone().requires_grad_(True) for n, w in self.W.items()}
-                    params = dict(self.frozen)
-                    params.update(split_weights(W, self.tms))
                     with torch.enable_grad():
-                        logits = functional_call(self.model, params, args=(), kwargs={"input_ids": b.input_ids,
+                        logits = functional_call(self.model, self._params(W), args=(), kwargs={"input_ids": b.input_ids,
                                                  "attention_mask": b.attention_mask, **self.kwargs}).logits
                         loss = summed_loss(logits, data_targets(b, self.objective)).sum()
                         torch.autograd.grad(loss, list(W.values()))

@@ -854,12 +854,12 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
                 "gradient similarity" if name == "gdp" else "parametric (block-diagonal)", **extra)
         # EK-FAC refined by K steps of CG on the full G, preconditioned by and started from EK-FAC
         # (and from the refined-basis fit: `--refine-basis 1` with `--refine-query K`)
+        dense_gvp = lambda V: to_modules((G @ from_modules(V, tms).T).T, tms)  # noqa: E731  (G V on module dicts)
         for base in ("ekfac", "ekfac_refined"):
             fs_ek, t_ek = fits[base]
             for K in cfg.refine_query:
                 t = time.perf_counter()
-                r = pcg(lambda V: to_modules((G @ from_modules(V, tms).T).T, tms), lam, Qmod,
-                        lambda V, fs_ek=fs_ek: fs_ek.precondition(V, lam), K)
+                r = pcg(dense_gvp, lam, Qmod, lambda V, fs_ek=fs_ek: fs_ek.precondition(V, lam), K)
                 add(f"{base}_pcg_{K}", from_modules(r.x, tms) @ CG_.T, t_ek, (time.perf_counter() - t + t_c) / cfg.n_queries,
                     "parametric + refinement", matvecs=K + 1,
                     matrix_free_s=((K + 1) * cfg.n_queries * t_mvq + t_c) / cfg.n_queries,
@@ -876,7 +876,7 @@ def run(config: ScalabilityConfig | None = None, progress=None, **overrides) -> 
             return to_modules(out.T, tms)
 
         for K in cfg.refine_query:
-            r = pcg(lambda V: to_modules((G @ from_modules(V, tms).T).T, tms), lam, Qmod, blk_pre, K)
+            r = pcg(dense_gvp, lam, Qmod, blk_pre, K)
             add(f"block_pcg_{K}", from_modules(r.x, tms) @ CG_.T, t_G, float("nan"),
                 "diagnostic (exact block-diagonal preconditioner)", matvecs=K + 1)
         # diagnostic: EK-FAC's fitted eigenbasis with the exact Λ (what infinitely many label draws give)
