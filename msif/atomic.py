@@ -11,9 +11,12 @@ from typing import Callable
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[Path], object]) -> Path:
-    """``writer(tmp)`` writes the file at ``tmp`` (same folder, same suffix); then ``tmp`` replaces ``path``."""
+    """``writer(tmp)`` writes the file at ``tmp`` (same folder, same suffix); then ``tmp`` replaces ``path``.
+
+    ``tmp`` is ``.NAME.tmp-PID.SUFFIX``: the leftover of a killed writer is what :class:`OutputLock`
+    sweeps for ``path``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
     try:
         writer(tmp)
         os.replace(tmp, path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -78,6 +80,21 @@ def _fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
+#: A write that failed for lack of room (disk full, quota, file-size limit) or of permission: the user's
+#: to fix, and every msif output is written atomically, so the previous result is still in place.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS}
+
+
+def _write_error(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.EACCES, errno.EROFS):
+        return (f"cannot write{where}: {os.strerror(e.errno).lower()}; choose an output you may write to. "
+                "Nothing was replaced and nothing partial was left.")
+    return (f"the output could not be written{where}: {os.strerror(e.errno).lower()} (the disk, a quota or a file-size "
+            "limit is full); free space or write elsewhere, then rerun. Any previous result was kept and nothing "
+            "partial was left.")
+
+
 def user_errors(fn):
     """Turn the library's input errors into one clear line and exit code 2 (no traceback)."""
     import functools
@@ -90,6 +107,10 @@ def user_errors(fn):
             return fn(*a, **k)
         except (MsifError, FileNotFoundError, FloatingPointError) as e:  # every failure msif expects
             _fail(str(e))
+        except OSError as e:
+            if e.errno not in _WRITE_ERRNOS:
+                raise
+            _fail(_write_error(e))
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except Exception:  # not an input msif expects: a bug, with its traceback
@@ -280,18 +301,35 @@ def attribute(
     pretrained_data: Optional[Path] = typer.Option(None, "--pretrained-data", help="Pre-training data for the GGN-vector products of --refine-query (default: where the pre-trained factors were fitted)."),
     finetuned_data: Optional[Path] = typer.Option(None, "--finetuned-data", help="Fine-tuning data for --refine-query (default: where the fine-tuned factors were fitted)."),
     gvp_examples: int = typer.Option(64, "--gvp-examples", help="Examples of each stage's data (the first N) in the GGN of --refine-query."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON (the --json shape) to this file, atomically: a killed or failed run leaves the previous file or none, never part of one."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file (without it an existing file is refused)."),
 ):
     """Rank pre-training documents by their influence on the fine-tuned model's answer."""
-    from .data.corpus import Corpus
-    from .report.console import print_results
-    from .data.encoding import InputError
-    from .influence.attribute import Attributor
-
+    opts = dict(locals())  # the options, passed whole to the body
     from .distributed import init
 
     _check_attribute_options(damping_pt=damping_pt, damping_ft=damping_ft, batch_size=batch_size, top=top,
                              candidates=candidates, max_length=max_length, prompt=prompt, answer=answer)
-    w, device = init(device)  # under torchrun: the candidates are split across the ranks, rank 0 reports
+    _check_out_file(out, overwrite)
+    w, opts["device"] = init(device)  # under torchrun: the candidates are split across the ranks, rank 0 reports
+    with contextlib.ExitStack() as held:
+        if out is not None and w.main:  # a second writer of the same file fails now, not after the scoring
+            from .atomic import OutputLock
+
+            held.enter_context(OutputLock(out, "msif attribute"))
+        _attribute(w, **opts)
+
+
+def _attribute(w, *, pretrained, finetuned, corpus, pretrained_factors, finetuned_factors, index_dir, prompt, answer,
+               label, queries, method, candidates, top, damping_pt, damping_ft, retriever, template, rank, tokenizer,
+               text_field, id_field, batch_size, max_length, truncate, as_json, device, chunk_size, scores_out, max_memory,
+               dtype, progress, refine_query, pretrained_data, finetuned_data, gvp_examples, out, overwrite):
+    """The body of `msif attribute` once its options are checked and its --out file is locked."""
+    from .data.corpus import Corpus
+    from .data.encoding import InputError
+    from .influence.attribute import Attributor
+    from .report.console import print_results
+
     qs = _read_queries(prompt, answer, label, queries)
     corp = Corpus(str(corpus), text_field=text_field, id_field=id_field)
     if method in (Method.ms_if, Method.ss_if) and finetuned_factors is None:
@@ -349,14 +387,29 @@ def attribute(
         _report_refinement(att.refine_summary())
     if not w.main:
         return
-    if as_json:
+    if as_json or out is not None:
         try:
             text = json.dumps(results, indent=1, allow_nan=False)
         except ValueError:
-            _fail("some scores are NaN or infinite (check the models' weights for NaN); nothing printed")
-        print(text)
-        return
+            _fail("some scores are NaN or infinite (check the models' weights for NaN); nothing printed or written")
+        if out is not None:
+            from .atomic import atomic_write_text
+
+            atomic_write_text(out, text + "\n")
+        if as_json:
+            print(text)
+            return
     print_results(results)
+
+
+def _check_out_file(out: Path | None, overwrite: bool) -> None:
+    """`msif attribute --out FILE`: refused before any work when it is a folder, or a file without --overwrite."""
+    if out is None:
+        return
+    if out.is_dir():
+        _fail(f"--out {str(out)!r} is a folder; give a file name for the results (e.g. {str(out / 'results.json')!r})")
+    if out.exists() and not overwrite:
+        _fail(f"--out {str(out)!r} already exists; pass --overwrite to replace it, or choose another file")
 
 
 def _check_attribute_options(damping_pt, damping_ft, batch_size, top, candidates, max_length, prompt, answer) -> None:
