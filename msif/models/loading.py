@@ -75,7 +75,9 @@ def _resolve(path_or_id: str | os.PathLike, what: str) -> tuple[str, bool]:
     if os.path.exists(expanded):
         raise ModelLoadError(f"{what} path {s!r} is a file; pass the checkpoint folder (the one with config.json)")
     if isinstance(path_or_id, os.PathLike) or _looks_local(s):
-        raise ModelLoadError(f"no such {what} folder: {s!r}")
+        where = "" if os.path.isabs(expanded) else f" (relative to {os.getcwd()!r})"
+        raise ModelLoadError(f"no such {what} folder: {s!r}{where}; pass the checkpoint folder saved by save_pretrained "
+                             "(the one with config.json), or a hub id such as org/name")
     return s, False
 
 

@@ -326,10 +326,11 @@ class VectorIndex:
         c = open_corpus(corpus, text_field=stored.get("text_field") or "text", id_field=stored.get("id_field"), split=stored.get("split"))
         why = corpus_matches(stored, c)
         if why is not None:
-            raise StoredIndexError(
-                f"Index {str(self.folder)!r} was built for corpus {stored.get('path')!r} ({stored.get('n_rows')} rows), "
-                f"not for {str(c.path)!r}: {why}. Rebuild the index for this corpus."
-            )
+            same = stored.get("path") and Path(stored["path"]).resolve() == Path(c.path).resolve()
+            built = (f"corpus {str(c.path)!r} changed after index {str(self.folder)!r} was built" if same else
+                     f"Index {str(self.folder)!r} was built for corpus {stored.get('path')!r} ({stored.get('n_rows')} rows), "
+                     f"not for {str(c.path)!r}")
+            raise StoredIndexError(f"{built}: {why}. Rebuild the index for this corpus (`msif index CORPUS --out DIR --overwrite`).")
 
     def __repr__(self) -> str:
         return f"VectorIndex({str(self.folder)!r}, type={self.kind!r}, n_docs={len(self)}, dim={self.dim}, search={self.search_params})"
