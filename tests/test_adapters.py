@@ -539,3 +539,47 @@ def test_fit_does_not_depend_on_the_batch_size(arch):
         torch.testing.assert_close(f4.A_sum[k], f1.A_sum[k], rtol=1e-10, atol=1e-12)
     for k in f1.stats:  # the covariances (basis-free: Λ lives in eigenbases that degenerate directions leave free)
         torch.testing.assert_close(f4.stats[k].S_sum, f1.stats[k].S_sum, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_scores_do_not_depend_on_the_batch_size(arch):
+    """Candidates scored in padded batches of 4 get the scores they get one at a time, and both equal
+    ⟨u, ∇ℓ⟩ with dense float64 per-example gradients (so OPT's flattened MLP tokens are scored right)."""
+    from msif.curvature.exact import param_layout, unflatten
+    from msif.data.encoding import Encoded, collate
+    from msif.influence.scoring import score_batches
+
+    model = make_model(arch).double()
+    tms = tracked_modules(model)
+    g = torch.Generator().manual_seed(5)
+    exs = [Encoded(torch.randint(1, VOCAB, (int(L),), generator=g).tolist(), [True] * (int(L) - 1) + [False], index=i)
+           for i, L in enumerate(torch.randint(3, 9, (8,), generator=g))]
+    flat = torch.randn(2, param_layout(tms).D, generator=g, dtype=torch.float64)
+    per_q = [unflatten(u, tms) for u in flat]
+    U = {tm.name: torch.stack([m[tm.name] for m in per_q]) for tm in tms}
+    s4 = score_batches(model, tms, U, [collate(exs[i : i + 4]) for i in range(0, 8, 4)]).scores
+    s1 = score_batches(model, tms, U, [collate([e]) for e in exs]).scores
+    dense = flat @ torch.stack([_autograd_grad(model, tms, e) for e in exs]).T
+    torch.testing.assert_close(s1, dense, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(s4, dense, rtol=1e-9, atol=1e-10)
+
+
+def _autograd_grad(model, tms, e) -> torch.Tensor:
+    """∇θ of one example's summed next-token loss at its counted positions, by plain autograd (not
+    torch.func: BLOOM's GELU is an autograd.Function), in the flat layout of ``msif.curvature.exact``:
+    ``weight_matrix`` only rearranges a layer's parameters, so applied to their gradients it gives the
+    gradient of the effective matrix."""
+    import copy
+
+    from msif.curvature.exact import flatten
+
+    ids = torch.tensor([e.input_ids])
+    model.zero_grad()
+    logits = model(input_ids=ids).logits[0, :-1]
+    keep = torch.tensor(e.target_mask[:-1])
+    torch.nn.functional.cross_entropy(logits[keep], ids[0, 1:][keep], reduction="sum").backward()
+    grads = copy.deepcopy(model)
+    for pg, p in zip(grads.parameters(), model.parameters()):
+        pg.data = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    with torch.no_grad():
+        return flatten({tm.name: tm.weight_matrix(grads.get_submodule(tm.name)) for tm in tms}, tms)
