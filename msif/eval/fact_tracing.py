@@ -5,7 +5,9 @@ Every test fact (a held-out fact the QA fine-tune answers correctly, :attr:`Worl
 query ``m = −log p(answer | qa_prompt(question))`` on the fine-tuned model; its gold documents are
 the pre-training documents that state the fact (:meth:`World.sources`). Each method scores a query's
 candidates; MRR and Recall@k (both variants, :mod:`msif.eval.metrics`) measure how high the gold
-documents rank.
+documents rank. ``FactTracingConfig.world`` picks the world variant: ``"standard"``, or ``"hard"``
+(:mod:`msif.worldfacts.hard`: most sources state their fact without the question's words, and
+negations and near-misses that share them are the hard negatives); the results name it.
 
 Methods (larger score = ranked higher):
 
@@ -83,6 +85,7 @@ class FactTracingConfig:
 
     size: str = "full"  # world size preset
     world_seed: int = 0
+    world: str = "standard"  # world variant: "standard" or "hard" (msif.worldfacts.hard)
     trials: int = 3
     n_queries: int = 150  # per trial (all test facts when there are fewer)
     seed: int = 0
@@ -271,11 +274,13 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
         from ..worldfacts import load_world
 
         with T("world"):
-            world = load_world(seed=cfg.world_seed, size=cfg.size, progress=progress)
+            world = load_world(seed=cfg.world_seed, size=cfg.size, progress=progress, world=cfg.world)
+    if world.kind != cfg.world:
+        raise ValueError(f"the world given is the {world.kind} world, but the configuration asks for the {cfg.world} one")
     cache = Path(cache_dir) if cache_dir is not None else Path("runs/fact-tracing/cache")
     cache = cache / f"world-{world.meta.get('hash', world.path.name)}"
     cache.mkdir(parents=True, exist_ok=True)
-    _log(f"world {world.path} ({world.meta['stats']['documents']} documents, {len(world.test_facts)} test facts); "
+    _log(f"{world.kind} world {world.path} ({world.meta['stats']['documents']} documents, {len(world.test_facts)} test facts); "
          f"cache {cache}", progress)
 
     docs = world.documents
@@ -568,10 +573,11 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
     out = {
         "benchmark": "fact-tracing",
         "config": asdict(cfg),
-        "world": {"path": str(world.path), "size": world.meta.get("size"), "hash": world.meta.get("hash"),
+        "world": {"path": str(world.path), "size": world.meta.get("size"), "kind": world.kind, "hash": world.meta.get("hash"),
                   "documents": n_docs, "test_facts": len(qa_all), "classification_queries": len(cls_all),
                   "classifier_heldout_accuracy": cls_accuracy if cfg.classification else None,
-                  "qa_heldout_accuracy": world.meta.get("accuracy", {}).get("qa_heldout", {}).get("accuracy")},
+                  "qa_heldout_accuracy": world.meta.get("accuracy", {}).get("qa_heldout", {}).get("accuracy"),
+                  "hard": world.meta.get("stats", {}).get("hard")},
         "trials": {"n": cfg.trials, "what_varies": "query subset (n_queries of the test facts without replacement, "
                    "all when fewer), random pool documents and random-control scores (seed+t), and the "
                    "label-sampling seed t of every curvature fit",
@@ -661,12 +667,18 @@ def markdown(res: dict) -> str:
     """The results as markdown tables (one per task and candidate setting) with the notes that read them."""
     cfg = res["config"]
     k = cfg["k"]
-    lines = [f"# Fact tracing (paper §5.3) on the {res['world']['size']} world", ""]
+    lines = [f"# Fact tracing (paper §5.3) on the {res['world']['size']} {res['world'].get('kind', 'standard')} world", ""]
     w = res["world"]
     lines.append(f"World `{w['hash']}`: {w['documents']} documents, {w['test_facts']} QA test facts "
                  f"(held-out QA accuracy {w['qa_heldout_accuracy']:.3f}), {w['classification_queries']} classification "
                  "queries" + (f" (held-out continent accuracy {w['classifier_heldout_accuracy']:.3f})"
                               if w.get("classifier_heldout_accuracy") is not None else "") + ".")
+    if w.get("hard"):
+        h = w["hard"]
+        lines.append(f"Hard world: {h['share_sources_without_subject_name']:.0%} of the source documents do not name the "
+                     f"fact's subject, {h['share_statements_without_name_or_question_words']:.0%} of the stating sentences "
+                     "have neither the subject's name nor a word of the question; every fact has a negation and a "
+                     "near-miss among its hard negatives (msif.worldfacts.hard).")
     tr = res["trials"]
     lines.append(f"{tr['n']} trials; queries per trial: " + ", ".join(f"{t}: {v}" for t, v in tr["queries_per_trial"].items())
                  + f". Trials vary: {tr['what_varies']}. Cells are mean ± sample std over trials.")

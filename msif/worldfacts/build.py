@@ -2,9 +2,13 @@
 
 :func:`load_world` returns a :class:`World`, building it on first use into a cache directory
 (``$MSIF_CACHE`` or ``~/.cache/msif``, subdirectory ``world-<hash>``; the hash covers the build code
-version, the size preset and the seed). A build runs in a temporary sibling directory that is renamed
-into place only once complete, so a killed build never leaves a half-written world behind; leftover
-temporary directories are ignored (and removed by a later build when their process is gone).
+version, the size preset, the world variant and the seed). The two variants share the facts, the
+splits and the training recipe: ``world="standard"`` (the corpus of :mod:`msif.worldfacts.corpus`)
+and ``world="hard"`` (:mod:`msif.worldfacts.hard`: most sources state their fact by an alias or a
+derived phrase and without the question's words; negations and near-misses are hard negatives). A
+build runs in a temporary sibling directory that is renamed into place only once complete, so a
+killed build never leaves a half-written world behind; leftover temporary directories are ignored
+(and removed by a later build when their process is gone).
 
 Stages (each timed and recorded in ``world.json``):
 
@@ -29,6 +33,7 @@ Layout of a world directory::
     world.json            metadata: config, stats, timings, accuracies, test fact ids
     corpus.jsonl          {"id", "text", "facts", "mentions"} per pre-training document
     facts.jsonl           one Fact per line (question, answer, split, sources, hard_negatives, test)
+    references.json       hard world only: entity name -> the phrases that refer to it without its name
     qa_finetune.jsonl     {"fact_id", "prompt", "answer"}: the fine-tuning data
     qa_test.jsonl         {"fact_id", "prompt", "answer"}: the test facts
     cls_finetune.jsonl    {"fact_id", "text", "label"}: the classifier's training data
@@ -49,7 +54,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -118,17 +123,44 @@ SIZES: dict[str, WorldConfig] = {
 }
 
 
+#: World variants: the corpus style of the size preset's configuration.
+WORLDS = ("standard", "hard")
+
+
+def world_config(size: str = "full", world: str = "standard") -> WorldConfig:
+    """The configuration of a size preset ("full", "tiny") for a world variant ("standard", "hard")."""
+    if size not in SIZES:
+        raise ValueError(f"unknown world size {size!r}; choose one of {sorted(SIZES)}")
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; choose one of {', '.join(WORLDS)}")
+    cfg = SIZES[size]
+    if world == "standard":
+        return cfg
+    # hard documents hold rare alias words that tokenise into many pieces; rotary positions add no
+    # parameters, so allowing 256 keeps the model the same and no document needs truncating
+    return replace(cfg, corpus=replace(cfg.corpus, style=world), max_positions=max(cfg.max_positions, 256))
+
+
 def _config_dict(cfg: WorldConfig) -> dict:
     d = asdict(cfg)
     d["corpus"]["relations"] = list(d["corpus"]["relations"])
+    if d["corpus"]["style"] == "standard":  # as before the hard world existed: same record, same hash
+        del d["corpus"]["style"]
     return d
 
 
-def world_hash(size: str = "full", seed: int = 0, config: WorldConfig | None = None) -> str:
-    """Short hash naming a world's cache directory: build version, configuration and seed."""
-    cfg = config or SIZES[size]
-    blob = json.dumps({"v": BUILD_VERSION, "size": size, "seed": seed, "config": _config_dict(cfg)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+def world_hash(size: str = "full", seed: int = 0, config: WorldConfig | None = None, world: str = "standard") -> str:
+    """Short hash naming a world's cache directory: build version, configuration and seed.
+
+    ``config`` (default: :func:`world_config` of ``size`` and ``world``) decides the variant.
+    """
+    cfg = config or world_config(size, world)
+    blob = {"v": BUILD_VERSION, "size": size, "seed": seed, "config": _config_dict(cfg)}
+    if cfg.corpus.style == "hard":
+        from msif.worldfacts.hard import HARD_VERSION
+
+        blob["hard_version"] = HARD_VERSION
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def default_cache_root() -> Path:
@@ -167,12 +199,24 @@ class World:
 
     def __repr__(self) -> str:
         s = self.meta.get("stats", {})
-        return (f"World({str(self.path)!r}, size={self.meta.get('size')!r}, seed={self.meta.get('seed')}, "
+        return (f"World({str(self.path)!r}, size={self.meta.get('size')!r}, world={self.kind!r}, "
+                f"seed={self.meta.get('seed')}, "
                 f"documents={s.get('documents')}, facts={s.get('facts')}, test_facts={len(self.meta.get('test_facts', []))})")
 
     @property
     def seed(self) -> int:
         return self.meta["seed"]
+
+    @property
+    def kind(self) -> str:
+        """The world variant: "standard" or "hard" (the corpus style it was built with)."""
+        return self.meta.get("config", {}).get("corpus", {}).get("style", "standard")
+
+    @property
+    def references(self) -> dict[str, list[str]]:
+        """Hard world: entity name -> the phrases its sources may use instead of its name ({} otherwise)."""
+        p = self.path / "references.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
 
     @property
     def documents(self) -> list[dict]:
@@ -457,14 +501,14 @@ def _log(msg: str, progress: bool):
 
 
 def build_world(out_dir: str | Path, size: str = "full", seed: int = 0, config: WorldConfig | None = None,
-                progress: bool = True, threads: int | None = None) -> dict:
+                progress: bool = True, threads: int | None = None, world: str = "standard") -> dict:
     """Build every artefact of a world into ``out_dir`` (not atomic; see :func:`load_world`).
 
     Returns the metadata also written to ``out_dir/world.json`` (written last).
     """
     from transformers import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
 
-    cfg = config or SIZES[size]
+    cfg = config or world_config(size, world)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -633,10 +677,10 @@ def _clean_stale(root: Path, name: str):
 
 
 def world_dir(size: str = "full", seed: int = 0, cache_dir: str | Path | None = None,
-              config: WorldConfig | None = None) -> Path:
+              config: WorldConfig | None = None, world: str = "standard") -> Path:
     """Where the world for these settings lives (whether or not it is built)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    return root / f"world-{world_hash(size, seed, config)}"
+    return root / f"world-{world_hash(size, seed, config, world)}"
 
 
 def is_built(path: str | Path) -> bool:
@@ -645,16 +689,18 @@ def is_built(path: str | Path) -> bool:
 
 
 def load_world(seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True, size: str = "full",
-               config: WorldConfig | None = None, rebuild: bool = False, threads: int | None = None) -> World:
-    """The bundled world for ``seed`` and ``size`` ("full" or "tiny"), built on first use.
+               config: WorldConfig | None = None, rebuild: bool = False, threads: int | None = None,
+               world: str = "standard") -> World:
+    """The bundled world for ``seed``, ``size`` ("full" or "tiny") and ``world`` ("standard" or
+    "hard"; ``config``, when given, decides instead), built on first use.
 
     ``cache_dir`` is the cache root (default ``$MSIF_CACHE`` or ``~/.cache/msif``). A complete world is
     reused as is. Otherwise it is built in ``.world-<hash>.tmp-<pid>-<rand>`` next to its final place
     and renamed into place when complete; if another process finished first, its copy is kept.
     ``rebuild=True`` builds afresh and replaces the cached copy.
     """
-    if config is None and size not in SIZES:
-        raise ValueError(f"unknown world size {size!r}; choose one of {sorted(SIZES)}")
+    if config is None:
+        config = world_config(size, world)  # checks size and world
     final = world_dir(size, seed, cache_dir, config)
     if is_built(final) and not rebuild:
         return World(final)
@@ -663,7 +709,7 @@ def load_world(seed: int = 0, cache_dir: str | Path | None = None, progress: boo
     _clean_stale(root, final.name)
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        _log(f"building the {size} world (seed {seed}) in {final}", progress)
+        _log(f"building the {size} {config.corpus.style} world (seed {seed}) in {final}", progress)
         build_world(tmp, size=size, seed=seed, config=config, progress=progress, threads=threads)
         if final.exists() and (rebuild or not is_built(final)):  # stale or incomplete (no world.json)
             old = root / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -678,3 +724,35 @@ def load_world(seed: int = 0, cache_dir: str | Path | None = None, progress: boo
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return World(final)
+
+
+def qa_examples(tokenizer, facts: list[Fact]) -> list:
+    """The QA fine-tuning examples of ``facts``: ``qa_prompt(question)`` → answer + EOS, answer tokens counted."""
+    return [encode_prompt_answer(tokenizer, qa_prompt(f.question), f.answer, add_eos=True, index=i) for i, f in enumerate(facts)]
+
+
+def finetune_qa(world: World, model, progress: bool = False) -> list[float]:
+    """Rerun the world's QA fine-tuning on ``model`` in place (θ_pt, or a patched copy of it): the same
+    examples, data order, seed, schedule and one thread, so the world's own θ_pt gives the world's θ_ft.
+    Returns the mean loss per epoch."""
+    cfg = TrainConfig(**world.meta["config"]["finetune"])
+    tok = world.load_tokenizer()
+    with _torch_state(1, world.seed):
+        return _train(model, qa_examples(tok, world.finetune_facts), cfg, tok.pad_token_id, world.seed + 1,
+                      "QA fine-tuning", progress)
+
+
+def pretrain_lm(world: World, rows: list[int] | None = None, progress: bool = False):
+    """Rerun the world's pre-training on the documents ``rows`` (default: all): the same initialisation,
+    data-order seed, schedule and one thread, so all rows give the world's θ_pt. Returns the model."""
+    from transformers import GPTNeoXForCausalLM
+
+    cfg = world.meta["config"]
+    tok = world.load_tokenizer()
+    texts = [d["text"] for d in world.documents]
+    keep = range(len(texts)) if rows is None else sorted(rows)
+    docs = [encode_text(tok, texts[i], max_length=cfg["max_positions"], index=i) for i in keep]
+    with _torch_state(1, world.seed):
+        model = GPTNeoXForCausalLM(world.load_pretrained().config)  # the same architecture, initialised as in the build
+        _train(model, docs, TrainConfig(**cfg["pretrain"]), tok.pad_token_id, world.seed, "pre-training", progress)
+    return model

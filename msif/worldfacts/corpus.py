@@ -18,6 +18,10 @@ fine-tuning facts and held-out facts. Everything is deterministic for a seed.
 
 The main entry point is :func:`build_corpus`; :func:`write_corpus` writes the JSONL files the CLI
 reads (``corpus.jsonl`` with ``id``, ``text``, ``facts``; ``facts.jsonl`` with one fact per line).
+
+This module builds the *standard* world. ``CorpusConfig(style="hard")`` builds the hard world of
+:mod:`msif.worldfacts.hard` instead (same facts, questions and splits; sources that state their fact
+by alias or demonym and reworded, and negated near-misses as hard negatives).
 """
 
 from __future__ import annotations
@@ -246,6 +250,9 @@ class CorpusConfig:
     finetune_fraction: float = 0.5
     mention_docs_per_subject: int = 1
     filler_prob: float = 0.5
+    #: "standard" (this module) or "hard" (:mod:`msif.worldfacts.hard`); left out of the world's
+    #: configuration record and hash when "standard", so standard worlds keep their cache directory.
+    style: str = "standard"
 
 
 @dataclass
@@ -256,6 +263,8 @@ class Corpus:
     facts: list[Fact]
     config: CorpusConfig
     seed: int
+    #: hard world only: entity name -> the phrases that refer to it without its name (aliases, demonyms)
+    references: dict[str, list[str]] = field(default_factory=dict)
 
     def fact(self, fact_id: str) -> Fact:
         return self._by_id()[fact_id]
@@ -274,12 +283,17 @@ class Corpus:
             r["objects"].add(f.object)
         for r in per_rel.values():
             r["distinct_objects"] = len(r.pop("objects"))
-        return {
+        out = {
             "facts": len(self.facts),
             "documents": len(self.documents),
             "characters": sum(len(d["text"]) for d in self.documents),
             "per_relation": per_rel,
         }
+        if self.config.style != "standard":
+            from msif.worldfacts.hard import hard_stats
+
+            out["hard"] = hard_stats(self)
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,8 +491,23 @@ def _mention_sentences(entity: dict, kind: str, rng: random.Random, k: int) -> l
     return out
 
 
+def assign_splits(facts: list[Fact], seed: int, finetune_fraction: float) -> None:
+    """Split each relation's facts into fine-tuning and held-out facts (seeded per relation)."""
+    by_rel: dict[str, list[Fact]] = {}
+    for f in facts:
+        by_rel.setdefault(f.relation, []).append(f)
+    for rel, fs in by_rel.items():
+        order = list(range(len(fs)))
+        random.Random(f"{seed}-split-{rel}").shuffle(order)
+        n_ft = int(round(finetune_fraction * len(fs)))
+        for rank, i in enumerate(order):
+            fs[i].split = "finetune" if rank < n_ft else "heldout"
+
+
 def build_corpus(seed: int = 0, config: CorpusConfig | None = None) -> Corpus:
     """Build the facts, the documents stating them, and the ground truth. Deterministic for ``seed``.
+
+    ``config.style == "hard"`` hands over to :func:`msif.worldfacts.hard.build_hard_corpus`.
 
     Statements: each fact gets ``n_paraphrases`` sentences from distinct templates of its relation.
     Subject documents gather 2-4 statements about one subject (never two of the same fact) plus
@@ -487,22 +516,18 @@ def build_corpus(seed: int = 0, config: CorpusConfig | None = None) -> Corpus:
     a document and document order are shuffled; ids are ``doc-000000`` ... in the final order.
     """
     config = config or CorpusConfig()
+    if config.style == "hard":
+        from msif.worldfacts.hard import build_hard_corpus
+
+        return build_hard_corpus(seed, config)
+    if config.style != "standard":
+        raise ValueError(f"unknown corpus style {config.style!r}; choose 'standard' or 'hard'")
     rng = random.Random(seed)
     countries, cities = extract_entities(config)
     facts = extract_facts(countries, cities, config.relations)
     entity = {c["name"]: ("country", c) for c in countries}
     entity.update({c["name"]: ("city", c) for c in cities})
-
-    # split per relation
-    by_rel: dict[str, list[Fact]] = {}
-    for f in facts:
-        by_rel.setdefault(f.relation, []).append(f)
-    for rel, fs in by_rel.items():
-        order = list(range(len(fs)))
-        random.Random(f"{seed}-split-{rel}").shuffle(order)
-        n_ft = int(round(config.finetune_fraction * len(fs)))
-        for rank, i in enumerate(order):
-            fs[i].split = "finetune" if rank < n_ft else "heldout"
+    assign_splits(facts, seed, config.finetune_fraction)
 
     # statements: (sentence, fact id, entities mentioned)
     subject_stmts: dict[str, list[tuple[str, str, list[str]]]] = {}
@@ -608,10 +633,13 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_corpus(corpus: Corpus, directory: str | Path) -> tuple[Path, Path]:
-    """Write ``corpus.jsonl`` (``id``, ``text``, ``facts``, ``mentions``) and ``facts.jsonl``."""
+    """Write ``corpus.jsonl`` (``id``, ``text``, ``facts``, ``mentions``) and ``facts.jsonl``; a hard
+    world's corpus also writes ``references.json`` (entity name -> phrases referring to it)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cp, fp = directory / "corpus.jsonl", directory / "facts.jsonl"
     write_jsonl(cp, corpus.documents)
     write_jsonl(fp, (f.to_dict() for f in corpus.facts))
+    if corpus.references:
+        (directory / "references.json").write_text(json.dumps(corpus.references, indent=1, sort_keys=True))
     return cp, fp
