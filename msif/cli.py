@@ -521,6 +521,7 @@ def bench_fact_tracing(
     trials: Optional[int] = typer.Option(None, "--trials", help="Trials (query subsets, pools, label-sampling seeds); default 3 (quick: 2)."),
     queries: Optional[int] = typer.Option(None, "--queries", help="Queries per trial (default 150; all test facts when fewer)."),
     size: Optional[str] = typer.Option(None, "--size", help="World size preset (default: full; quick: tiny)."),
+    world: str = typer.Option("standard", "--world", help="World variant: standard, or hard (sources by alias and reworded, negated near-misses)."),
     k_candidates: Optional[int] = typer.Option(None, "--candidates", help="Embedding nearest neighbours per query (default 100; quick: 50)."),
     pool_size: Optional[int] = typer.Option(None, "--pool", help="Fixed rerank pool size (default 100; quick: 50)."),
     dampings: Optional[str] = typer.Option(None, "--dampings", help="Comma-separated dampings: absolute (default 1e-8,...,1e-2) or relative to each factor set's mean eigenvalue (0.01x,0.1x,1x)."),
@@ -539,7 +540,11 @@ def bench_fact_tracing(
 
     cfg = quick_config() if quick else FactTracingConfig()
     over = {"threads": threads, "classification": classification, "refine": refine_basis, "refine_query": refine_query,
-            "gvp_examples": gvp_examples}
+            "gvp_examples": gvp_examples, "world": world}
+    from .worldfacts.build import WORLDS
+
+    if world not in WORLDS:
+        _fail(f"--world must be one of {', '.join(WORLDS)}, not {world!r}")
     if refine_query < 0 or gvp_examples < 1:
         _fail("--refine-query must be ≥ 0 and --gvp-examples ≥ 1")
     for name, v in (("trials", trials), ("n_queries", queries), ("size", size), ("k_candidates", k_candidates),
@@ -594,6 +599,116 @@ def proximity(
     else:
         console.print(markdown(res, top=top), markup=False, highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@bench_app.command("tail-patch")
+@user_errors
+def bench_tail_patch(
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny world, k ∈ {1, 3}, 2 trials, 3 groups (a minute or two)."),
+    out: Path = typer.Option(Path("runs/tail-patch"), "--out", help="Folder for tail_patch.json/.md/.png and the cache."),
+    world: str = typer.Option("standard", "--world", help="World variant: standard or hard."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Trials (query subsets, groupings, random documents, fit seeds); default 3 (quick: 2)."),
+    queries: Optional[int] = typer.Option(None, "--queries", help="Test facts per trial (default 100; all when fewer)."),
+    ks: Optional[str] = typer.Option(None, "--k", help="Comma-separated documents patched per query (default 3,10; quick: 1,3)."),
+    step: Optional[float] = typer.Option(None, "--step", help="Size of each query's patch, as a fraction of ‖θ_pt‖ (default 0.003), along the negative gradient of its documents' loss."),
+    groups: Optional[int] = typer.Option(None, "--groups", help="Query groups per trial: one patched fine-tune per (method, k, group)."),
+    damping: str = typer.Option("0.1x", "--damping", help="λ of MS-IF / SS-IF (both stages), absolute or relative (0.1x)."),
+    workers: int = typer.Option(2, "--workers", help="Processes re-fine-tuning in parallel (one thread each)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder for factors and the index (default: OUT/cache)."),
+    threads: int = typer.Option(2, "--threads", help="Torch CPU threads for the rankings."),
+    progress: bool = typer.Option(True, help="Log the stages on stderr."),
+):
+    """Multi-stage tail-patch: patch θ_pt on each method's top-k documents, redo the fine-tuning, measure Δ log p(answer)."""
+    from dataclasses import replace
+
+    from .curvature.factors import Damping
+    from .eval.tail_patch import TailPatchConfig, quick_config, run_tail_patch, write_outputs
+    from .worldfacts.build import WORLDS
+
+    if world not in WORLDS:
+        _fail(f"--world must be one of {', '.join(WORLDS)}, not {world!r}")
+    over: dict = {"world": world, "workers": workers, "threads": threads}
+    if ks is not None:
+        try:
+            over["ks"] = tuple(sorted({int(x) for x in ks.split(",") if x.strip()}))
+        except ValueError:
+            _fail(f"--k must be comma-separated whole numbers ≥ 1, not {ks!r}")
+        if not over["ks"] or over["ks"][0] < 1:
+            _fail(f"--k must be comma-separated whole numbers ≥ 1, not {ks!r}")
+    for flag, name, v, lo in (("--trials", "trials", trials, 1), ("--queries", "n_queries", queries, 2), ("--groups", "groups", groups, 2),
+                              ("--workers", "workers", workers, 1)):
+        if v is not None:
+            if v < lo:
+                _fail(f"{flag} must be ≥ {lo}, not {v}")
+            over[name] = v
+    if step is not None:
+        if not (0 < step < float("inf")):
+            _fail(f"--step must be a finite number > 0 (a fraction of ‖θ_pt‖, e.g. 0.003), not {step}")
+        over["step"] = step
+    try:
+        Damping.parse(damping)
+    except ValueError:
+        _fail(f"--damping must be a finite number ≥ 0 or a multiple of the mean eigenvalue (0.1x), not {damping!r}")
+    over["damping"] = damping
+    cfg = replace(quick_config() if quick else TailPatchConfig(), **over)
+    res = run_tail_patch(cfg, cache_dir=cache or out / "cache", progress=progress)
+    paths = write_outputs(res, out)
+    console.print(f"[green]tail-patch[/] done in {res['timings_s']['total']:.1f}s → " + ", ".join(str(p) for p in paths.values()))
+    if json_out:
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+    else:
+        console.print(paths["markdown"].read_text(), markup=False, highlight=False)
+
+
+@bench_app.command("ms-lds")
+@user_errors
+def bench_ms_lds(
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout."),
+    quick: bool = typer.Option(False, "--quick", help="16 subsets instead of 64 (a minute or two)."),
+    out: Path = typer.Option(Path("runs/ms-lds"), "--out", help="Folder for ms_lds.json/.md/.png and the cache."),
+    world: str = typer.Option("standard", "--world", help="World variant: standard or hard."),
+    size: str = typer.Option("tiny", "--size", help="World size preset (every subset is pre-trained and fine-tuned anew: keep it small)."),
+    subsets: Optional[int] = typer.Option(None, "--subsets", help="Random subsets of the pre-training corpus (default 64; quick: 16)."),
+    fraction: float = typer.Option(0.5, "--fraction", help="Share of the corpus in each subset."),
+    damping: str = typer.Option("0.1x", "--damping", help="λ of MS-IF / SS-IF (both stages), absolute or relative (0.1x)."),
+    workers: int = typer.Option(2, "--workers", help="Processes retraining in parallel (one thread each)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder for factors (default: OUT/cache)."),
+    threads: int = typer.Option(2, "--threads", help="Torch CPU threads for the scores."),
+    progress: bool = typer.Option(True, help="Log the stages on stderr."),
+):
+    """Multi-stage LDS: pre-train on random halves of the corpus, fine-tune each the same way, correlate the query losses with each method's summed scores."""
+    from dataclasses import replace
+
+    from .curvature.factors import Damping
+    from .eval.ms_lds import MSLDSConfig, quick_config, run_ms_lds, write_outputs
+    from .worldfacts.build import SIZES, WORLDS
+
+    if world not in WORLDS:
+        _fail(f"--world must be one of {', '.join(WORLDS)}, not {world!r}")
+    if size not in SIZES:
+        _fail(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
+    if subsets is not None and subsets < 3:
+        _fail(f"--subsets must be ≥ 3 (a correlation over subsets), not {subsets}")
+    if not 0 < fraction < 1:
+        _fail(f"--fraction must be between 0 and 1 (exclusive), not {fraction}")
+    if workers < 1:
+        _fail(f"--workers must be ≥ 1, not {workers}")
+    try:
+        Damping.parse(damping)
+    except ValueError:
+        _fail(f"--damping must be a finite number ≥ 0 or a multiple of the mean eigenvalue (0.1x), not {damping!r}")
+    over = {"world": world, "size": size, "fraction": fraction, "damping": damping, "workers": workers, "threads": threads}
+    if subsets is not None:
+        over["n_subsets"] = subsets
+    cfg = replace(quick_config() if quick else MSLDSConfig(), **over)
+    res = run_ms_lds(cfg, cache_dir=cache or out / "cache", progress=progress)
+    paths = write_outputs(res, out)
+    console.print(f"[green]ms-lds[/] done in {res['cost']['total_s']:.1f}s → " + ", ".join(str(p) for p in paths.values()))
+    if json_out:
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+    else:
+        console.print(paths["markdown"].read_text(), markup=False, highlight=False)
 
 
 @bench_app.command("scalability")

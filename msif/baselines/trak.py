@@ -136,7 +136,8 @@ def featurize(
     query_batches: Iterable[Batch],
     projector: Projector,
 ) -> TrakFeatures:
-    """Featurise the training set and the queries under one model (``train`` rows in batch order)."""
+    """Featurise the training set and the queries under one model (``train`` rows in batch order; either
+    may be empty, e.g. training features on θ_pt and query features on θ_ft of a multi-stage pair)."""
     was = model.training
     model.eval()
     try:
@@ -150,7 +151,9 @@ def featurize(
             qu.append(projector(g))
     finally:
         model.train(was)
-    return TrakFeatures(torch.cat(tr), torch.cat(qs), torch.cat(qu))
+    cat = lambda xs, *shape: torch.cat(xs) if xs else torch.zeros(0, *shape, dtype=torch.float64)  # noqa: E731
+    k = projector.k or projector.dim
+    return TrakFeatures(cat(tr, k), cat(qs), cat(qu, k))
 
 
 def trak_scores(features: Sequence[TrakFeatures], candidates: torch.Tensor | None = None, ridge: float = 0.0) -> torch.Tensor:
