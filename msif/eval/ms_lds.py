@@ -19,7 +19,9 @@ answers:
 Methods: ``ms-if`` (both stages, λ relative to each factor set), ``ss-if`` (θ_ft alone), ``gdp``,
 ``repsim`` and ``trak`` (TRAK with one model: candidates' projected margin gradients on θ_pt, the
 query's on θ_ft, the kernel of θ_pt's features; :mod:`msif.baselines.trak`), and ``bm25`` (the BM25 score
-of the question + answer against each document: a word count, not a model). The cost of each method's
+of the question + answer against each document: a word count, not a model). MS-IF and SS-IF are also
+reported at the dampings of ``dampings``; ``sources`` (1 for the documents that state the fact, 0
+otherwise) is the reference of fact tracing's ground truth read as scores. The cost of each method's
 scores and of the retraining is reported.
 """
 
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 
 METHODS = ("ms-if", "ss-if", "gdp", "repsim", "trak", "bm25")
+DAMPED = ("ms-if", "ss-if")
 
 
 @dataclass
@@ -44,7 +47,8 @@ class MSLDSConfig:
     world_seed: int = 0
     n_subsets: int = 64
     fraction: float = 0.5
-    damping: str = "0.1x"
+    damping: str = "0.1x"  # the headline λ of ms-if / ss-if (both stages, relative to each factor set)
+    dampings: tuple = ("0.01x", "1x", "10x")  # also reported, as "ms-if λ=1x" etc.
     trak_dim: int = 128
     methods: tuple = METHODS
     seed: int = 0
@@ -68,24 +72,29 @@ def _log(msg: str, progress: bool) -> None:
 
 def score_matrices(world, facts: list, cfg: MSLDSConfig, cache: Path, progress: bool) -> tuple[dict, dict]:
     """Per method the ``(queries, documents)`` score matrix on the world's own models, and its seconds."""
-    from ..influence.attribute import Attributor, Query
-    from ..models.loading import load_model, load_tokenizer
     from ..retrieval import BM25Index
-    from .fact_tracing import _fit_or_load
+    from .tail_patch import world_attributor
 
     docs = world.documents
     texts = [d["text"] for d in docs]
     N = len(texts)
     out, secs = {}, {}
-    tok = load_tokenizer(str(world.pretrained_dir))
-    fits = {name: _fit_or_load(cache / "factors" / f"{name}-seed0", mdir, data, obj, 0, cfg, progress)[0]
-            for name, mdir, data, obj in (("pt", world.pretrained_dir, world.corpus_path, "lm"),
-                                          ("ft", world.finetuned_dir, world.qa_finetune_path, "answer"))}
-    att = Attributor(load_model(str(world.pretrained_dir), task="causal_lm"), load_model(str(world.finetuned_dir), task="causal_lm"),
-                     tok, fits["pt"], fits["ft"], damping_pt=cfg.damping, damping_ft=cfg.damping, batch_size=cfg.batch_size)
-    prepared = att.prepare([Query(prompt=world.qa_prompt(f.question), answer=f.answer, id=f.id) for f in facts])
+    att, prepared = world_attributor(world, facts, cfg, 0, cache, progress)
+    row_of = {d["id"]: i for i, d in enumerate(docs)}
+    gold = np.zeros((len(facts), N))
+    for i, f in enumerate(facts):
+        gold[i, [row_of[s] for s in f.sources]] = 1.0
+    out["sources"], secs["sources"] = gold, 0.0  # the reference: 1 for the documents that state the fact
     for method in cfg.methods:
         t0 = time.perf_counter()
+        if method in DAMPED:
+            for lam in dict.fromkeys((cfg.damping, *cfg.dampings)):  # the headline damping first, then the sweep
+                a, p = (att, prepared) if lam == cfg.damping else world_attributor(world, facts, replace(cfg, damping=lam), 0, cache, False)
+                key = method if lam == cfg.damping else f"{method} λ={lam}"
+                out[key], secs[key] = _attributed(a, p, texts, method), time.perf_counter() - t0
+                t0 = time.perf_counter()
+            _log(f"{method}: {len(facts)} × {N} scores at λ = {', '.join(dict.fromkeys((cfg.damping, *cfg.dampings)))}", progress)
+            continue
         if method == "bm25":
             hits = BM25Index.build(texts, doc_ids=[d["id"] for d in docs]).search([f.question + f.answer for f in facts], k=N)
             M = np.zeros((len(facts), N))
@@ -95,13 +104,19 @@ def score_matrices(world, facts: list, cfg: MSLDSConfig, cache: Path, progress: 
         elif method == "trak":
             M = _trak(att, prepared, texts, cfg)
         else:
-            res = att.attribute(prepared, texts, method=method, top=N, per_token=False)
-            M = np.zeros((len(facts), N))
-            for i, (rows, sc) in enumerate(zip(res.rows, res.scores)):
-                M[i, rows] = sc
+            M = _attributed(att, prepared, texts, method)
         out[method], secs[method] = M, time.perf_counter() - t0
         _log(f"{method}: {len(facts)} × {N} scores ({secs[method]:.1f}s)", progress)
     return out, secs
+
+
+def _attributed(att, prepared, texts, method: str) -> np.ndarray:
+    """Every document's score for every query, ``(queries, documents)``."""
+    res = att.attribute(prepared, texts, method=method, top=len(texts), per_token=False)
+    M = np.zeros((len(prepared), len(texts)))
+    for i, (rows, sc) in enumerate(zip(res.rows, res.scores)):
+        M[i, rows] = sc
+    return M
 
 
 def _trak(att, prepared, texts, cfg: MSLDSConfig) -> np.ndarray:
@@ -206,7 +221,8 @@ def markdown(res: dict) -> str:
              f"({c['per_subset_s']:.1f} s per subset and process); λ = {cfg['damping']}.", "",
              "| method | LDS | scores (s) |", "|---|---|---|"]
     for m, r in sorted(res["methods"].items(), key=lambda x: -x[1]["mean"]):
-        lines.append(f"| {m} | {r['mean']:.3f} ± {r['std']:.3f} | {r['score_seconds']:.1f} |")
+        name = "sources (reference: 1 if the document states the fact)" if m == "sources" else m
+        lines.append(f"| {name} | {r['mean']:.3f} ± {r['std']:.3f} | {r['score_seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +232,7 @@ def plot(res: dict, path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    items = sorted(res["methods"].items(), key=lambda x: -x[1]["mean"])
+    items = sorted(((m, r) for m, r in res["methods"].items() if "λ=" not in m), key=lambda x: -x[1]["mean"])
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.bar([m for m, _ in items], [r["mean"] for _, r in items], yerr=[r["std"] / np.sqrt(len(r["per_query"])) for _, r in items],
            capsize=4, color=["C0" if m == "ms-if" else "C7" for m, _ in items])

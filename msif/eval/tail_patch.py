@@ -99,10 +99,7 @@ def _queries(world, cfg: TailPatchConfig, trial: int) -> list:
 
 def rankings(world, facts: list, cfg: TailPatchConfig, trial: int, cache: Path, progress: bool) -> dict[str, list[np.ndarray]]:
     """Per method, each query's top ``max(ks)`` corpus rows (best first)."""
-    from ..influence.attribute import Attributor, Query
-    from ..models.loading import load_model, load_tokenizer
     from ..retrieval import BM25Index
-    from .fact_tracing import _fit_or_load
 
     docs = world.documents
     texts = [d["text"] for d in docs]
@@ -122,15 +119,7 @@ def rankings(world, facts: list, cfg: TailPatchConfig, trial: int, cache: Path, 
         out["embedding"] = [r[r >= 0] for r in _embedding_index(world, cache).search(search, k=k).rows]
     wanted = [m for m in ATTRIBUTOR_METHODS if m in cfg.methods]
     if wanted:
-        tok = load_tokenizer(str(world.pretrained_dir))
-        fits = {}
-        for name, mdir, data, obj in (("pt", world.pretrained_dir, world.corpus_path, "lm"),
-                                      ("ft", world.finetuned_dir, world.qa_finetune_path, "answer")):
-            tag = f"{name}-seed{trial}" + (f"-refine{cfg.refine}" if cfg.refine else "")
-            fits[name], _ = _fit_or_load(cache / "factors" / tag, mdir, data, obj, trial, cfg, progress)
-        att = Attributor(load_model(str(world.pretrained_dir), task="causal_lm"), load_model(str(world.finetuned_dir), task="causal_lm"),
-                         tok, fits["pt"], fits["ft"], damping_pt=cfg.damping, damping_ft=cfg.damping, batch_size=cfg.batch_size)
-        prepared = att.prepare([Query(prompt=world.qa_prompt(f.question), answer=f.answer, id=f.id) for f in facts])
+        att, prepared = world_attributor(world, facts, cfg, trial, cache, progress)
         for method in wanted:
             t0 = time.perf_counter()
             res = att.attribute(prepared, texts, method=method, top=k, per_token=False, progress=False)
@@ -138,6 +127,25 @@ def rankings(world, facts: list, cfg: TailPatchConfig, trial: int, cache: Path, 
             _log(f"trial {trial}: {method} ranked {len(docs)} documents for {len(facts)} queries "
                  f"({time.perf_counter() - t0:.1f}s)", progress)
     return {m: out[m] for m in cfg.methods}
+
+
+def world_attributor(world, facts: list, cfg, seed: int, cache: Path, progress: bool):
+    """An :class:`~msif.influence.Attributor` of the world's θ_pt / θ_ft with factors fitted (or loaded from
+    ``cache``) with label-sampling seed ``seed`` and damping ``cfg.damping`` on both stages, and the facts
+    prepared as its QA queries."""
+    from ..influence.attribute import Attributor, Query
+    from ..models.loading import load_model, load_tokenizer
+    from .fact_tracing import _fit_or_load
+
+    fits = {}
+    for name, mdir, data, obj in (("pt", world.pretrained_dir, world.corpus_path, "lm"),
+                                  ("ft", world.finetuned_dir, world.qa_finetune_path, "answer")):
+        tag = f"{name}-seed{seed}" + (f"-refine{cfg.refine}" if cfg.refine else "")
+        fits[name], _ = _fit_or_load(cache / "factors" / tag, mdir, data, obj, seed, cfg, progress)
+    att = Attributor(load_model(str(world.pretrained_dir), task="causal_lm"), load_model(str(world.finetuned_dir), task="causal_lm"),
+                     load_tokenizer(str(world.pretrained_dir)), fits["pt"], fits["ft"], damping_pt=cfg.damping,
+                     damping_ft=cfg.damping, batch_size=cfg.batch_size)
+    return att, att.prepare([Query(prompt=world.qa_prompt(f.question), answer=f.answer, id=f.id) for f in facts])
 
 
 def _embedding_index(world, cache: Path):

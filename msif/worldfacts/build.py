@@ -550,7 +550,7 @@ def build_world(out_dir: str | Path, size: str = "full", seed: int = 0, config: 
         t0 = time.perf_counter()
         ft_facts = [f for f in corpus.facts if f.split == "finetune"]
         ho_facts = [f for f in corpus.facts if f.split == "heldout"]
-        qa = [encode_prompt_answer(tokenizer, qa_prompt(f.question), f.answer, add_eos=True, index=i) for i, f in enumerate(ft_facts)]
+        qa = qa_examples(tokenizer, ft_facts)
         ft_model = GPTNeoXForCausalLM.from_pretrained(out / "pretrained")
         ft_hist = _train(ft_model, qa, cfg.finetune, pad, seed + 1, "QA fine-tuning", progress)
         ft_model.save_pretrained(out / "finetuned")
