@@ -325,3 +325,21 @@ def test_cli_rejects_an_unknown_world(tmp_path):
     assert r.exit_code == 2
     assert "--world must be one of standard, hard, not 'medium'" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_quick_fact_tracing_on_the_hard_world(tiny_world, tmp_path):
+    """The benchmark end to end on the tiny hard world: every method reported, the random control at its
+    analytic chance level, the outputs naming the world."""
+    from msif.eval.fact_tracing import QA_METHODS, markdown, quick_config, run_fact_tracing
+
+    res = run_fact_tracing(quick_config(world="hard", trials=1, classification=False), world=tiny_world[1],
+                           cache_dir=tmp_path, progress=False)
+    assert res["world"]["kind"] == "hard" and res["world"]["hard"]["sources_without_subject_name"] > 0
+    for setting in ("knn", "pool"):
+        rows = [r for r in res["results"] if r["task"] == "qa" and r["setting"] == setting]
+        assert {r["method"] for r in rows} == set(QA_METHODS)
+        assert all(0 <= r["mrr"]["mean"] <= 1 for r in rows)
+        chance = next(c for c in res["chance"] if c["task"] == "qa" and c["setting"] == setting)["mrr"]["mean"]
+        rnd = next(r for r in rows if r["method"] == "random")["mrr"]["mean"]
+        assert abs(rnd - chance) < 0.15
+    assert "hard world" in markdown(res)
