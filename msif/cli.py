@@ -601,6 +601,28 @@ def proximity(
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+def _check_bench_options(world: str, damping: str) -> None:
+    """The options every counterfactual benchmark shares: the world variant and the damping."""
+    from .curvature.factors import Damping
+    from .worldfacts.build import WORLDS
+
+    if world not in WORLDS:
+        _fail(f"--world must be one of {', '.join(WORLDS)}, not {world!r}")
+    try:
+        Damping.parse(damping)
+    except ValueError:
+        _fail(f"--damping must be a finite number ≥ 0 or a multiple of the mean eigenvalue (0.1x), not {damping!r}")
+
+
+def _report_bench(label: str, res: dict, paths: dict, seconds: float, json_out: bool) -> None:
+    """Where a benchmark wrote its outputs, then its JSON (``--json``) or its markdown table."""
+    console.print(f"[green]{label}[/] done in {seconds:.1f}s → " + ", ".join(str(p) for p in paths.values()))
+    if json_out:
+        sys.stdout.write(json.dumps(res, indent=1) + "\n")
+    else:
+        console.print(paths["markdown"].read_text(), markup=False, highlight=False)
+
+
 @bench_app.command("tail-patch")
 @user_errors
 def bench_tail_patch(
@@ -622,12 +644,9 @@ def bench_tail_patch(
     """Multi-stage tail-patch: patch θ_pt on each method's top-k documents, redo the fine-tuning, measure Δ log p(answer)."""
     from dataclasses import replace
 
-    from .curvature.factors import Damping
     from .eval.tail_patch import TailPatchConfig, quick_config, run_tail_patch, write_outputs
-    from .worldfacts.build import WORLDS
 
-    if world not in WORLDS:
-        _fail(f"--world must be one of {', '.join(WORLDS)}, not {world!r}")
+    _check_bench_options(world, damping)
     over: dict = {"world": world, "workers": workers, "threads": threads}
     if ks is not None:
         try:
@@ -646,19 +665,10 @@ def bench_tail_patch(
         if not (0 < step < float("inf")):
             _fail(f"--step must be a finite number > 0 (a fraction of ‖θ_pt‖, e.g. 0.003), not {step}")
         over["step"] = step
-    try:
-        Damping.parse(damping)
-    except ValueError:
-        _fail(f"--damping must be a finite number ≥ 0 or a multiple of the mean eigenvalue (0.1x), not {damping!r}")
     over["damping"] = damping
     cfg = replace(quick_config() if quick else TailPatchConfig(), **over)
     res = run_tail_patch(cfg, cache_dir=cache or out / "cache", progress=progress)
-    paths = write_outputs(res, out)
-    console.print(f"[green]tail-patch[/] done in {res['timings_s']['total']:.1f}s → " + ", ".join(str(p) for p in paths.values()))
-    if json_out:
-        sys.stdout.write(json.dumps(res, indent=1) + "\n")
-    else:
-        console.print(paths["markdown"].read_text(), markup=False, highlight=False)
+    _report_bench("tail-patch", res, write_outputs(res, out), res["timings_s"]["total"], json_out)
 
 
 @bench_app.command("ms-lds")
@@ -680,12 +690,10 @@ def bench_ms_lds(
     """Multi-stage LDS: pre-train on random halves of the corpus, fine-tune each the same way, correlate the query losses with each method's summed scores."""
     from dataclasses import replace
 
-    from .curvature.factors import Damping
     from .eval.ms_lds import MSLDSConfig, quick_config, run_ms_lds, write_outputs
-    from .worldfacts.build import SIZES, WORLDS
+    from .worldfacts.build import SIZES
 
-    if world not in WORLDS:
-        _fail(f"--world must be one of {', '.join(WORLDS)}, not {world!r}")
+    _check_bench_options(world, damping)
     if size not in SIZES:
         _fail(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
     if subsets is not None and subsets < 3:
@@ -694,21 +702,12 @@ def bench_ms_lds(
         _fail(f"--fraction must be between 0 and 1 (exclusive), not {fraction}")
     if workers < 1:
         _fail(f"--workers must be ≥ 1, not {workers}")
-    try:
-        Damping.parse(damping)
-    except ValueError:
-        _fail(f"--damping must be a finite number ≥ 0 or a multiple of the mean eigenvalue (0.1x), not {damping!r}")
     over = {"world": world, "size": size, "fraction": fraction, "damping": damping, "workers": workers, "threads": threads}
     if subsets is not None:
         over["n_subsets"] = subsets
     cfg = replace(quick_config() if quick else MSLDSConfig(), **over)
     res = run_ms_lds(cfg, cache_dir=cache or out / "cache", progress=progress)
-    paths = write_outputs(res, out)
-    console.print(f"[green]ms-lds[/] done in {res['cost']['total_s']:.1f}s → " + ", ".join(str(p) for p in paths.values()))
-    if json_out:
-        sys.stdout.write(json.dumps(res, indent=1) + "\n")
-    else:
-        console.print(paths["markdown"].read_text(), markup=False, highlight=False)
+    _report_bench("ms-lds", res, write_outputs(res, out), res["cost"]["total_s"], json_out)
 
 
 @bench_app.command("scalability")
