@@ -217,8 +217,10 @@ def candidate_pass(model, modules, encoded: dict[int, object], requests: list[_R
     return out
 
 
-def _fit_or_load(path: Path, model_dir: Path, data: Path, objective: str, seed: int, cfg: FactTracingConfig,
-                 progress: bool):
+def fit_or_load(path: Path, model_dir: Path, data: Path, objective: str, seed: int, cfg, progress: bool):
+    """Factors cached at ``path`` (refitted in place when missing or no longer loading), fitted on ``data``
+    with label-sampling seed ``seed`` and ``cfg``'s ``fit_batch_size`` / ``max_fit_examples`` / ``refine``
+    (any benchmark config with those fields); returns ``(factors, fitted_now)``."""
     from ..api import fit
     from ..curvature.factors import FactorError, FactorSet
 
@@ -407,7 +409,7 @@ def _run(cfg: FactTracingConfig, world, cache_dir, progress: bool, score_hook) -
             for name, mdir, data, obj in specs:
                 t0 = time.perf_counter()
                 tag = f"{name}-seed{t}" + (f"-refine{cfg.refine}" if cfg.refine else "")
-                fs, fresh = _fit_or_load(cache / "factors" / tag, mdir, data, obj, t, cfg, progress)
+                fs, fresh = fit_or_load(cache / "factors" / tag, mdir, data, obj, t, cfg, progress)
                 fits[(name, t)] = fs
                 mean_eig[name][t] = fs.mean_eigenvalue()
                 _log(f"factors {name} seed {t}: {'fitted' if fresh else 'loaded'} in {time.perf_counter() - t0:.1f}s, "

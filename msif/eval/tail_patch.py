@@ -135,13 +135,13 @@ def world_attributor(world, facts: list, cfg, seed: int, cache: Path, progress: 
     prepared as its QA queries."""
     from ..influence.attribute import Attributor, Query
     from ..models.loading import load_model, load_tokenizer
-    from .fact_tracing import _fit_or_load
+    from .fact_tracing import fit_or_load
 
     fits = {}
     for name, mdir, data, obj in (("pt", world.pretrained_dir, world.corpus_path, "lm"),
                                   ("ft", world.finetuned_dir, world.qa_finetune_path, "answer")):
         tag = f"{name}-seed{seed}" + (f"-refine{cfg.refine}" if cfg.refine else "")
-        fits[name], _ = _fit_or_load(cache / "factors" / tag, mdir, data, obj, seed, cfg, progress)
+        fits[name], _ = fit_or_load(cache / "factors" / tag, mdir, data, obj, seed, cfg, progress)
     att = Attributor(load_model(str(world.pretrained_dir), task="causal_lm"), load_model(str(world.finetuned_dir), task="causal_lm"),
                      load_tokenizer(str(world.pretrained_dir)), fits["pt"], fits["ft"], damping_pt=cfg.damping,
                      damping_ft=cfg.damping, batch_size=cfg.batch_size)
