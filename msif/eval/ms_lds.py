@@ -85,15 +85,19 @@ def score_matrices(world, facts: list, cfg: MSLDSConfig, cache: Path, progress: 
     for i, f in enumerate(facts):
         gold[i, [row_of[s] for s in f.sources]] = 1.0
     out["sources"], secs["sources"] = gold, 0.0  # the reference: 1 for the documents that state the fact
+    lams = list(dict.fromkeys((cfg.damping, *cfg.dampings)))  # the headline damping first, then the sweep
+    at = {cfg.damping: (att, prepared)}  # one attributor per damping, shared by MS-IF and SS-IF
     for method in cfg.methods:
         t0 = time.perf_counter()
         if method in DAMPED:
-            for lam in dict.fromkeys((cfg.damping, *cfg.dampings)):  # the headline damping first, then the sweep
-                a, p = (att, prepared) if lam == cfg.damping else world_attributor(world, facts, replace(cfg, damping=lam), 0, cache, False)
+            for lam in lams:
+                if lam not in at:
+                    at[lam] = world_attributor(world, facts, replace(cfg, damping=lam), 0, cache, False)
+                a, p = at[lam]
                 key = method if lam == cfg.damping else f"{method} λ={lam}"
                 out[key], secs[key] = _attributed(a, p, texts, method), time.perf_counter() - t0
                 t0 = time.perf_counter()
-            _log(f"{method}: {len(facts)} × {N} scores at λ = {', '.join(dict.fromkeys((cfg.damping, *cfg.dampings)))}", progress)
+            _log(f"{method}: {len(facts)} × {N} scores at λ = {', '.join(lams)}", progress)
             continue
         if method == "bm25":
             hits = BM25Index.build(texts, doc_ids=[d["id"] for d in docs]).search([f.question + f.answer for f in facts], k=N)

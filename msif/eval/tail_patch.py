@@ -170,7 +170,7 @@ class _Worker:
     state: dict = {}
 
     @classmethod
-    def init(cls, world_path: str, step: float, queries: list[tuple[str, str]]) -> None:
+    def init(cls, world_path: str, step: float, queries: dict[int, list[tuple[str, str]]]) -> None:
         from ..data.encoding import encode_prompt_answer, encode_text, pad_token_id
         from ..worldfacts import World
 
@@ -180,12 +180,13 @@ class _Worker:
         ctx = world.meta["config"]["max_positions"]
         cls.state = dict(world=world, tok=tok, pad=pad_token_id(tok), step=step, pt=world.load_pretrained(),
                          docs=[encode_text(tok, d["text"], max_length=ctx, index=i) for i, d in enumerate(world.documents)],
-                         queries=[encode_prompt_answer(tok, p, a, index=i) for i, (p, a) in enumerate(queries)])
+                         queries={t: [encode_prompt_answer(tok, p, a, index=i) for i, (p, a) in enumerate(qs)]
+                                  for t, qs in queries.items()})
 
     @classmethod
     def run(cls, job: tuple[tuple, list[list[int]]]) -> tuple[tuple, np.ndarray, float]:
-        """``(key, the rows of each query of the group)`` → ``(key, log p(answer) of every query after it, the
-        patch's relative size ‖Δθ_pt‖ / ‖θ_pt‖)``."""
+        """``((trial, …), the rows of each query of the group)`` → ``(key, log p(answer) of every query of the
+        trial after it, the patch's relative size ‖Δθ_pt‖ / ‖θ_pt‖)``."""
         from ..worldfacts.build import finetune_qa
 
         key, groups = job
@@ -193,7 +194,7 @@ class _Worker:
         model = patch(st["pt"], [[st["docs"][r] for r in rows] for rows in groups], st["step"], st["pad"])
         step = _relative_change(model, st["pt"])
         finetune_qa(st["world"], model)
-        return key, answer_logprobs(model, st["queries"], st["pad"]), step
+        return key, answer_logprobs(model, st["queries"][key[0]], st["pad"]), step
 
 
 def _relative_change(model, ref) -> float:
@@ -281,32 +282,33 @@ def _run(cfg: TailPatchConfig, world, cache_dir, progress: bool) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     timings = {"rankings": 0.0, "re-fine-tuning": 0.0}
     trials = []
-    for t in range(cfg.trials):
-        facts = _queries(world, cfg, t)
-        t0 = time.perf_counter()
-        ranks = rankings(world, facts, cfg, t, cache, progress)
-        timings["rankings"] += time.perf_counter() - t0
-        group_of = np.random.default_rng([cfg.seed, t, 43]).permutation(len(facts)) % cfg.groups
-        jobs = [((m, k, g), [ranks[m][i][:k].tolist() for i in np.flatnonzero(group_of == g)])
-                for m in cfg.methods for k in cfg.ks for g in range(cfg.groups)]
-        jobs.append((("base", 0, 0), []))
-        t0 = time.perf_counter()
-        queries = [(world.qa_prompt(f.question), f.answer) for f in facts]
-        with ProcessPoolExecutor(max(1, cfg.workers), mp_context=mp.get_context("spawn"), initializer=_Worker.init,
-                                 initargs=(str(world.path), cfg.step, queries)) as pool:
+    facts_of = {t: _queries(world, cfg, t) for t in range(cfg.trials)}
+    queries = {t: [(world.qa_prompt(f.question), f.answer) for f in fs] for t, fs in facts_of.items()}
+    # one pool for every trial: each worker loads the world and tokenises the corpus once
+    with ProcessPoolExecutor(max(1, cfg.workers), mp_context=mp.get_context("spawn"), initializer=_Worker.init,
+                             initargs=(str(world.path), cfg.step, queries)) as pool:
+        for t, facts in facts_of.items():
+            t0 = time.perf_counter()
+            ranks = rankings(world, facts, cfg, t, cache, progress)
+            timings["rankings"] += time.perf_counter() - t0
+            group_of = np.random.default_rng([cfg.seed, t, 43]).permutation(len(facts)) % cfg.groups
+            jobs = [((t, m, k, g), [ranks[m][i][:k].tolist() for i in np.flatnonzero(group_of == g)])
+                    for m in cfg.methods for k in cfg.ks for g in range(cfg.groups)]
+            jobs.append(((t, "base", 0, 0), []))
+            t0 = time.perf_counter()
             lp, steps = {}, {}
             for i, (key, v, step) in enumerate(pool.map(_Worker.run, jobs)):
-                lp[key], steps[key] = v, step
+                lp[key[1:]], steps[key[1:]] = v, step
                 if progress and (i + 1) % max(1, len(jobs) // 10) == 0:
                     _log(f"trial {t}: {i + 1}/{len(jobs)} patched fine-tunes ({time.perf_counter() - t0:.0f}s)", progress)
-        timings["re-fine-tuning"] += time.perf_counter() - t0
-        base = lp.pop(("base", 0, 0))
-        trials.append(dict(facts=[f.id for f in facts], group=group_of.tolist(), base=base.tolist(),
-                           patch_size={f"{m}@{k}": float(np.mean([steps[(m, k, g)] for g in range(cfg.groups)]))
-                                       for m in cfg.methods for k in cfg.ks},
-                           effects=_effects(lp, base, group_of, cfg),
-                           docs={m: [r.tolist() for r in ranks[m]] for m in cfg.methods}))
-        _log(f"trial {t}: {len(jobs)} fine-tunes in {time.perf_counter() - t0:.0f}s", progress)
+            timings["re-fine-tuning"] += time.perf_counter() - t0
+            base = lp.pop(("base", 0, 0))
+            trials.append(dict(facts=[f.id for f in facts], group=group_of.tolist(), base=base.tolist(),
+                               patch_size={f"{m}@{k}": float(np.mean([steps[(m, k, g)] for g in range(cfg.groups)]))
+                                           for m in cfg.methods for k in cfg.ks},
+                               effects=_effects(lp, base, group_of, cfg),
+                               docs={m: [r.tolist() for r in ranks[m]] for m in cfg.methods}))
+            _log(f"trial {t}: {len(jobs)} fine-tunes in {time.perf_counter() - t0:.0f}s", progress)
     fine_tunes = cfg.trials * (len(cfg.methods) * len(cfg.ks) * cfg.groups + 1)
     timings["total"] = time.perf_counter() - t_start
     return dict(
