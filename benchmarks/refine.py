@@ -22,7 +22,8 @@ import argparse
 import torch
 from common import describe, model_and_data, model_arguments, timed, train_pass
 
-from msif.curvature.fit import FitConfig, fit_factors, per_example_grads
+from msif.curvature.fit import FitConfig, fit_factors
+from msif.curvature.hooks import per_example_grads
 from msif.curvature.gvp import GGNOperator
 from msif.curvature.precondition import chain
 from msif.curvature.refine import pcg

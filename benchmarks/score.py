@@ -32,8 +32,9 @@ import torch
 from common import describe, model_and_data, model_arguments, timed, train_pass
 from scipy.stats import spearmanr
 
-from msif.curvature.fit import FitConfig, fit_factors, per_example_factors, per_example_grads
-from msif.curvature.precondition import Factored, _factored_cheaper, _rotation_cost, chain
+from msif.curvature.fit import FitConfig, fit_factors
+from msif.curvature.hooks import per_example_factors, per_example_grads
+from msif.curvature.precondition import _factored_cheaper, _rotation_cost, chain
 from msif.data.encoding import Encoded, collate
 from msif.influence.scoring import low_rank, score_batches
 from msif.models.adapters import tracked_modules

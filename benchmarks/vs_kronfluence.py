@@ -56,7 +56,8 @@ from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 from scipy.stats import pearsonr, spearmanr
 
-from msif.curvature.fit import FitConfig, fit_factors, per_example_factors
+from msif.curvature.fit import FitConfig, fit_factors
+from msif.curvature.hooks import per_example_factors
 from msif.curvature.precondition import Factored, chain
 from msif.data.encoding import Batch
 from msif.influence.scoring import score_batches

@@ -580,7 +580,7 @@ def calibrate(shape: ModelShape, s: PlanSettings, repeats: int = 2) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .curvature.fit import record_batch
+    from .curvature.hooks import record_batch
     from .data.encoding import Batch
     from .models.adapters import tracked_modules
     from .objectives import curvature_targets, data_targets, model_logits, summed_loss

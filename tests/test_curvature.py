@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
 from msif.curvature.factors import Damping, FactorError, FactorSet
-from msif.curvature.fit import FitConfig, fit_factors, per_example_grads
+from msif.curvature.fit import FitConfig, fit_factors
+from msif.curvature.hooks import per_example_grads
 from msif.data.encoding import Encoded, collate
 from msif.models.adapters import tracked_modules
-from msif.objectives import data_targets, model_logits, sampled_targets, summed_loss
+from msif.objectives import model_logits, sampled_targets, summed_loss
 
 from helpers import batches, random_answer_examples, random_lm_examples, tiny_neox, tiny_neox_classifier
 
@@ -164,11 +164,11 @@ def test_sampled_labels_come_from_the_same_position_and_only_counted_ones():
 def test_sampled_fisher_matches_analytic_expectation_and_detects_shift(monkeypatch, path):
     """E_y[DW DWᵀ] over sampled labels equals the GGN; a one-position shift of the labels does not.
     ``head``: the closed-form head gradient of registered causal LMs; ``logits``: the model's own forward."""
-    import msif.curvature.fit as fitmod
+    import msif.curvature.hooks as hooksmod
     import msif.objectives as obj
 
     if path == "logits":
-        monkeypatch.setattr(fitmod, "plain_lm_head", lambda model: None)
+        monkeypatch.setattr(hooksmod, "plain_lm_head", lambda model: None)
 
     model = tiny_neox(seed=6, num_hidden_layers=1)
     torch.manual_seed(0)
@@ -217,7 +217,7 @@ def test_sampled_fisher_matches_analytic_expectation_and_detects_shift(monkeypat
 @pytest.mark.parametrize("arch", ["gpt_neox", "gpt2", "llama"])
 def test_head_gradient_equals_the_models_own_loss(monkeypatch, objective, labels, arch):
     """The closed-form head gradient (no (B, T, V) logits) gives the factors of the autograd path."""
-    import msif.curvature.fit as fitmod
+    import msif.curvature.hooks as hooksmod
     import msif.objectives as obj
 
     model = _arch_model(arch)
@@ -228,7 +228,7 @@ def test_head_gradient_equals_the_models_own_loss(monkeypatch, objective, labels
     # covariance sums (kfac) and per-sequence gradient squares (diagonal): basis-free, so comparable
     cfgs = [FitConfig(objective=objective, labels=labels, strategy=st) for st in ("kfac", "diagonal")]
     head = [fit_factors(model, data, c, fingerprint="t") for c in cfgs]
-    monkeypatch.setattr(fitmod, "plain_lm_head", lambda m: None)
+    monkeypatch.setattr(hooksmod, "plain_lm_head", lambda m: None)
     full = [fit_factors(model, data, c, fingerprint="t") for c in cfgs]
     for h, f in zip(head, full):
         sums = {k: x for k, x in f._tensors().items() if k.startswith(("A_sum/", "S_sum/", "lambda_sum/"))}

@@ -10,7 +10,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 from test_cli_attribute import fitted  # noqa: F401  (fixture)
 from test_cli_fit import checkpoint, run  # noqa: F401  (fixture)
 

@@ -17,12 +17,12 @@ from msif.curvature.exact import (
     block_diagonal,
     damped_solve,
     exact_ggn,
+    flat_example_grads,
     flat_params,
     flatten,
     ggn_vector_product,
     mean_eigenvalue,
     param_layout,
-    per_example_grads,
     per_example_losses,
     unflatten,
 )
@@ -198,12 +198,12 @@ def test_layout_offsets_blocks_and_flat_params(which, request):
         ("classifier", "classification", _cls_examples),
     ],
 )
-def test_per_example_grads_match_autograd(which, objective, examples, request):
+def test_flat_example_grads_match_autograd(which, objective, examples, request):
     model = request.getfixturevalue(which)
     tms = tracked_modules(model)
     exs = examples()
     batch = collate(exs, pad_id=0)  # right-padded: the padding must not change anything
-    G = per_example_grads(model, tms, batch, objective)
+    G = flat_example_grads(model, tms, batch, objective)
     D = param_layout(tms).D
     assert G.shape == (len(exs), D) and G.dtype == torch.float64
     for n, ex in enumerate(exs):
@@ -220,10 +220,10 @@ def test_float32_model_is_converted_on_a_copy_and_train_mode_restored(neox1):
     m32 = copy.deepcopy(neox1).float().train()
     tms = tracked_modules(m32)
     batch = collate(_lm_examples())
-    g32 = per_example_grads(m32, tms, batch, "lm")
+    g32 = flat_example_grads(m32, tms, batch, "lm")
     assert g32.dtype == torch.float64
     assert next(m32.parameters()).dtype == torch.float32 and m32.training  # caller's model untouched
-    ref = per_example_grads(copy.deepcopy(m32).double().eval(), tms, batch, "lm")
+    ref = flat_example_grads(copy.deepcopy(m32).double().eval(), tms, batch, "lm")
     assert torch.allclose(g32, ref, rtol=1e-12, atol=1e-14)
 
 
@@ -277,7 +277,7 @@ def test_ggn_is_true_fisher_over_model_labels(neox1):
         # every possible label y at the last position (its input never affects the prediction before it)
         exs = [Encoded(p + [y], [False] * (len(p) - 1) + [True, False]) for y in range(V)]
         batch = collate(exs)
-        g = per_example_grads(neox1, tms, batch, "answer")  # (V, D): g_y = ∇ −log p(y)
+        g = flat_example_grads(neox1, tms, batch, "answer")  # (V, D): g_y = ∇ −log p(y)
         with torch.no_grad():
             logits = neox1(input_ids=torch.tensor([p])).logits[0, -1]
         prob = torch.softmax(logits, -1)

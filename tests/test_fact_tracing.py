@@ -10,7 +10,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from msif.eval import fact_tracing as ft_mod
 from msif.eval.fact_tracing import CLS_METHODS, QA_METHODS, SETTINGS, quick_config, run_fact_tracing

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from scipy.stats import spearmanr
 from transformers import GPTNeoXForSequenceClassification
 
-from msif.curvature.exact import param_layout, per_example_grads as flat_grads
-from msif.curvature.fit import FitConfig, fit_factors, per_example_grads
+from msif.curvature.exact import flat_example_grads as flat_grads, param_layout
+from msif.curvature.fit import FitConfig, fit_factors
+from msif.curvature.hooks import per_example_grads
 from msif.data.encoding import InputError, collate, encode_classification, encode_prompt_answer, encode_text
 from msif.influence.attribute import Attributor, Query
 from msif.influence.scoring import low_rank, score_batches

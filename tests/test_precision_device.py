@@ -11,7 +11,8 @@ import torch
 from scipy.stats import spearmanr
 
 from msif.curvature.factors import FactorError, FactorSet
-from msif.curvature.fit import FitConfig, fit_factors, per_example_grads
+from msif.curvature.fit import FitConfig, fit_factors
+from msif.curvature.hooks import per_example_grads
 
 from helpers import batches, random_answer_examples, random_lm_examples, tiny_neox, tiny_neox_classifier, train_steps
 

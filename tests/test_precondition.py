@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from msif.curvature import precondition as pc
-from msif.curvature.fit import FitConfig, fit_factors, per_example_factors, per_example_grads
+from msif.curvature.fit import FitConfig, fit_factors
+from msif.curvature.hooks import per_example_factors, per_example_grads
 from msif.curvature.precondition import Factored, chain
 
 from helpers import batches, random_answer_examples, random_lm_examples, tiny_neox

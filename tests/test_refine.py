@@ -8,7 +8,8 @@ from helpers import batches, random_answer_examples, random_lm_examples, tiny_ne
 from scipy.stats import spearmanr
 
 from msif.curvature import exact
-from msif.curvature.fit import FitConfig, fit_factors, per_example_grads
+from msif.curvature.fit import FitConfig, fit_factors
+from msif.curvature.hooks import per_example_grads
 from msif.curvature.gvp import GGNOperator
 from msif.curvature.precondition import chain
 from msif.curvature.refine import Stage, pcg, refined_chain

@@ -245,13 +245,13 @@ def test_parse_bytes():
 def test_closed_form_head_gradient_equals_the_full_logits_pass(world, monkeypatch):  # noqa: F811
     """Scoring contracts each module as its gradient arrives, with the head's gradient in closed form;
     the model's own forward over the (B, T, V) logits gives the same scores."""
-    import msif.curvature.fit as fitmod
+    import msif.curvature.hooks as hooksmod
 
     att = attributor(world)
     U = att.make_query_vectors(att.prepare(_queries(2)), "ms-if")
     b = collate([encode_text(world["tok"], t, index=i) for i, t in enumerate(CORPUS[:6])])
     fast = score_batches(att.pt, att.shared, U, [b], per_token=True)
-    monkeypatch.setattr(fitmod, "plain_lm_head", lambda model: None)
+    monkeypatch.setattr(hooksmod, "plain_lm_head", lambda model: None)
     full = score_batches(att.pt, att.shared, U, [b], per_token=True)
     assert torch.allclose(fast.per_module, full.per_module, rtol=1e-10, atol=1e-14)
     assert all(torch.allclose(x, y, rtol=1e-10, atol=1e-14) for x, y in zip(fast.per_token, full.per_token))

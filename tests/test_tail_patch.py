@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from msif.data.encoding import collate, encode_prompt_answer, encode_text, pad_token_id
+from msif.data.encoding import encode_prompt_answer, encode_text, pad_token_id
 from msif.eval import tail_patch as tp
 
 

@@ -119,11 +119,11 @@ def test_trak_on_a_model_agrees_in_sign_with_the_loss_gradient():
     ∇ℓ = −(1 − p) ∇f, so up to the positive factor Q the score has the influence sign convention."""
     model = tiny_neox(1)
     tms = tracked_modules(model)
-    from msif.curvature.exact import per_example_grads
+    from msif.curvature.exact import flat_example_grads
 
     ex = random_lm_examples(4, seed=6, min_len=2, max_len=2)  # one counted prediction each
     b = batches(ex, 4)[0]
     Gf, Q = output_function_grads(model, tms, b)
-    Gl = per_example_grads(model, tms, b, "lm")
+    Gl = flat_example_grads(model, tms, b, "lm")
     assert torch.allclose(Gl, -Q[:, None] * Gf, rtol=1e-8, atol=1e-12)
     assert math.isfinite(float(Q.sum()))

@@ -5,10 +5,8 @@ Model tests use the ``tiny`` world (built once per module into a temporary cache
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -59,7 +59,7 @@ def gradient_cka(
     """CKA scores ``(Q, C)``: mean over the tracked layers of ``CKA(DW_q, DW_z)``.
 
     ``query_grads`` / ``candidate_grads`` map layer name → per-example gradients ``(Q, out, in_dim)`` /
-    ``(C, out, in_dim)`` (e.g. from :func:`msif.curvature.fit.per_example_grads`). ``modules`` selects
+    ``(C, out, in_dim)`` (e.g. from :func:`msif.curvature.hooks.per_example_grads`). ``modules`` selects
     the layers (default: all those in ``query_grads``).
     """
     names = list(query_grads) if modules is None else list(modules)

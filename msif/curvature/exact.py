@@ -48,7 +48,7 @@ __all__ = [
     "unflatten",
     "flat_params",
     "per_example_losses",
-    "per_example_grads",
+    "flat_example_grads",
     "exact_ggn",
     "ggn_vector_product",
     "block_diagonal",
@@ -252,7 +252,7 @@ def per_example_losses(model: nn.Module, tms: Sequence[TrackedModule], batch: Ba
         return _losses(f.logits(f.theta0, batch), tgt, mask)
 
 
-def per_example_grads(
+def flat_example_grads(
     model: nn.Module, tms: Sequence[TrackedModule], batch: Batch, objective: str, chunk_size: int | None = None
 ) -> torch.Tensor:
     """Gradients ``∇θ ℓ(z_n)`` (data labels) of every example of ``batch``: float64 ``(B, D)``.

@@ -26,14 +26,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data.encoding import Batch
-from ..distributed import broadcast_object, broadcast_tensors, reduce_sums, split_by_cost, unsharded, world
+from ..distributed import broadcast_object, broadcast_tensors, reduce_sums, split_by_cost, world
 from ..models.adapters import tracked_modules
-from ..objectives import (check_objective, curvature_targets, data_targets, head_gradient, last_hidden_state,
-                          model_logits, plain_lm_head, summed_loss)
+from ..objectives import check_objective
 from . import checkpoint as ckpt
 from .factors import STRATEGIES, BlockStats, FactorError, FactorSet
-from .hooks import Recorder
-from .precondition import Factored
+from .hooks import stream_batch
 
 DTYPES = ("auto", "float32", "float64")
 
@@ -90,75 +88,6 @@ class FitConfig:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Products of activations are formed in float32 for half-precision models, else in their own dtype."""
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def _check_loss(loss: torch.Tensor, batch: Batch) -> None:
-    if not torch.isfinite(loss):
-        raise FloatingPointError(
-            "the loss is NaN or infinite on a batch: check the model weights and the inputs (examples "
-            f"{batch.indices.tolist()})"
-        )
-
-
-def record_batch(model: nn.Module, tms, batch: Batch, targets_fn, append_ones: bool = True) -> tuple[dict, dict, torch.Tensor]:
-    """One forward + activation-only backward with hooks, every module's ``a`` and ``s`` returned at once.
-
-    ``targets_fn(logits) -> targets`` gives the labels of the loss. Returns ``(a, s, logits)`` where
-    ``a[module]`` is ``(B, T, in_dim)`` (``(B, T, in_features)`` with ``append_ones=False``) and
-    ``s[module]`` is ``(B, T, out)``. With right padding and causal attention, ``s`` is exactly zero at
-    padding positions (no loss there, and no real token sees them), so ``Σ_t s_t a_tᵀ`` needs no mask;
-    ``a`` is *not* zeroed at padding (the covariance pass selects real tokens itself). Fitting uses
-    :func:`stream_batch` instead, which never holds more than one module's ``s``.
-    """
-    with Recorder(model, tms, append_ones=append_ones) as rec:
-        logits = model_logits(model, batch)
-        targets = targets_fn(logits)
-        loss = summed_loss(logits, targets).sum()
-        _check_loss(loss, batch)
-        s = rec.output_grads(loss)
-        a = rec.inputs
-    return a, s, logits.detach()
-
-
-def stream_batch(model: nn.Module, tms, batch: Batch, objective: str, labels: str, seed: int, stream: int,
-                 on_input, on_grad) -> None:
-    """One forward + activation-only backward of the summed loss of ``objective`` with the labels of
-    :func:`curvature_targets` (``labels="empirical"``: the data's own, as for scoring candidates);
-    ``on_input(tm, a)`` runs in each tracked module's forward hook (``a`` without a column of ones),
-    ``on_grad(tm, s)`` as soon as the backward has produced that module's output gradient. For
-    registered causal LMs the head's gradient is formed in closed form a chunk of tokens at a time
-    (:func:`head_gradient`), never materialising the ``(B, T, V)`` logits."""
-    head = plain_lm_head(model) if objective != "classification" else None
-    with Recorder(model, tms, append_ones=False, on_input=on_input, on_grad=on_grad) as rec:
-        if head is not None:
-            hidden = last_hidden_state(model, batch)
-            with unsharded(getattr(model, "_msif_head_unit", None)):  # FSDP: the head's whole weight
-                grad, loss = head_gradient(hidden, head, batch, objective, labels, seed, stream)
-            _check_loss(loss, batch)
-            rec.backward(hidden, grad)
-            return
-        logits = model_logits(model, batch)
-        loss = summed_loss(logits, curvature_targets(logits, batch, objective, labels, seed, stream)).sum()
-        del logits
-        _check_loss(loss, batch)
-        rec.backward(loss)
-
-
-def per_example_grads(model: nn.Module, tms, batch: Batch, objective: str, targets=None) -> dict[str, torch.Tensor]:
-    """Per-example gradients ``DW_n = Σ_t s_{n,t} a_{n,t}ᵀ``: module name → ``(B, out, in_dim)``.
-
-    ``targets`` defaults to the data labels (the training loss / measurement ``m``).
-    """
-    return {n: f.dense() for n, f in per_example_factors(model, tms, batch, objective, targets).items()}
-
-
-def per_example_factors(model: nn.Module, tms, batch: Batch, objective: str, targets=None) -> dict[str, Factored]:
-    """The same gradients unformed, ``DW_n = s_nᵀ a_n``: module name → :class:`Factored` with
-    ``s (B, T, out)`` and ``a (B, T, in_dim)`` (``T·(out + in_dim)`` numbers per example instead of
-    ``out·in_dim``; the preconditioner's first rotation can use the factors directly)."""
-    fn = (lambda logits: data_targets(batch, objective)) if targets is None else (lambda logits: targets)
-    a, s, _ = record_batch(model, tms, batch, fn)
-    return {n: Factored(s[n], a[n]) for n in a}
 
 
 def _batches(data: Iterable[Batch], max_examples: int | None) -> Iterator[Batch]:

@@ -142,7 +142,7 @@ class GGNOperator:
         """Seconds of one plain training step over the sample (forward + backward of the summed loss with
         the data labels, gradients of the tracked weights), measured once: the unit of the product's cost."""
         if self._step is None:
-            from ..objectives import model_logits, summed_loss
+            from ..objectives import summed_loss
 
             with self._eval():
                 t0 = time.perf_counter()

@@ -270,7 +270,7 @@ def exact_ggn_blocks(model, tms, examples: list[Encoded], ranges: list[tuple[int
 
 def _grads(model, tms, examples: list[Encoded], chunk: int = 8) -> torch.Tensor:
     """Exact per-sequence gradients of the summed LM loss (data labels): ``(n, D)`` float64."""
-    return torch.cat([exact.per_example_grads(model, tms, collate(examples[i : i + chunk]), "lm")
+    return torch.cat([exact.flat_example_grads(model, tms, collate(examples[i : i + chunk]), "lm")
                       for i in range(0, len(examples), chunk)])
 
 

@@ -174,11 +174,11 @@ def candidate_pass(model, modules, encoded: dict[int, object], requests: list[_R
     """Scores ``U_r · DW(z)`` for every request ``r`` and each of its candidate rows ``z``.
 
     Each needed document goes through ``model`` once (forward + activation-only backward, data labels,
-    LM loss: :func:`msif.curvature.fit.per_example_grads`); its per-document gradient, flattened in the
+    LM loss: :func:`msif.curvature.hooks.per_example_grads`); its per-document gradient, flattened in the
     order of ``modules``, is contracted with the vectors of every request that lists it. Returns
     ``{key: (V, len(rows)) float64}``.
     """
-    from ..curvature.fit import per_example_grads
+    from ..curvature.hooks import per_example_grads
     from ..data.encoding import collate
 
     names = [tm.name for tm in modules]

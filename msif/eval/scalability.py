@@ -69,7 +69,8 @@ from ..baselines.iterative import arnoldi, conjugate_gradient, lissa, power_iter
 from ..baselines.trak import Projector, featurize, trak_scores
 from ..curvature import exact
 from ..curvature.factors import FactorSet
-from ..curvature.fit import FitConfig, fit_factors, per_example_grads
+from ..curvature.fit import FitConfig, fit_factors
+from ..curvature.hooks import per_example_grads
 from ..curvature.refine import pcg
 from ..data.encoding import Batch, Encoded, collate
 from ..models.adapters import tracked_modules

@@ -36,7 +36,6 @@ it as JSON, a markdown table and a plot of the effect against ``k``.
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor

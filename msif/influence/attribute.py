@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..curvature.factors import FactorError, FactorSet
-from ..curvature.fit import per_example_factors, per_example_grads
+from ..curvature.hooks import per_example_factors, per_example_grads
 from ..curvature.precondition import Factored, chain
 from ..data.encoding import Encoded, InputError, collate, encode_classification, encode_prompt, encode_prompt_answer, encode_text, pad_token_id
 from ..distributed import barrier, gather_objects, world

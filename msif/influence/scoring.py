@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ..data.encoding import Batch
-from ..curvature.fit import compute_dtype, stream_batch
+from ..curvature.fit import compute_dtype
+from ..curvature.hooks import stream_batch
 from ..models.adapters import TrackedModule
 
 
@@ -239,7 +240,7 @@ def score_batches(
     Only modules present in ``U`` are contracted; the candidate loss is ``objective`` with data labels.
     Each module is contracted as soon as its output gradient exists (all modules' ``s`` are never held
     at once), and for a registered causal LM the head's gradient is formed in closed form (no
-    ``(B, T, V)`` logits; :func:`msif.curvature.fit.stream_batch`).
+    ``(B, T, V)`` logits; :func:`msif.curvature.hooks.stream_batch`).
     """
     names = [tm.name for tm in tms if tm.name in U]
     if not names:
