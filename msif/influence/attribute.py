@@ -1,4 +1,4 @@
-"""Attribution of a fine-tuned model's outputs to pre-training documents (PAPER_NOTES §3-4).
+"""Attribution of a fine-tuned model's outputs to pre-training documents (docs/method.md §3–4).
 
 Methods (score of a pre-training document ``z`` for a query ``x`` with answer ``y``; larger = more
 supportive, i.e. up-weighting ``z`` lowers the query loss ``m = −log p(y | x)``):
@@ -10,90 +10,35 @@ supportive, i.e. up-weighting ``z`` lowers the query loss ``m = −log p(y | x)`
   it also applies to a classification fine-tune).
 * ``repsim`` — cosine of mean last-layer hidden states, query on θ_ft, candidate on θ_pt.
 
-A query is turned once into ``U = P_pt P_ft ∇m`` per block; candidates are streamed in batches through
-θ_pt with hooks (:mod:`msif.influence.scoring`). No per-candidate iHVP, no parameter gradients.
+A query is turned once into ``U = P_pt P_ft ∇m`` per block (:mod:`msif.influence.vectors`, from the
+queries of :mod:`msif.influence.queries`); candidates are streamed in batches through θ_pt with hooks
+(:mod:`msif.influence.scoring`, chunk by chunk: :mod:`msif.influence.stream`). No per-candidate iHVP,
+no parameter gradients. Results: :mod:`msif.influence.results`.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..curvature.factors import FactorError, FactorSet
-from ..curvature.hooks import per_example_factors, per_example_grads
-from ..curvature.precondition import Factored, chain
-from ..data.encoding import Encoded, InputError, collate, encode_classification, encode_prompt, encode_prompt_answer, encode_text, pad_token_id
-from ..distributed import barrier, gather_objects, world
+from ..curvature.hooks import per_example_grads
+from ..data.encoding import Encoded, InputError, collate, encode_text, pad_token_id
+from ..distributed import barrier, world
 from ..models.adapters import tracked_modules
-from .scoring import LowRank, ScoreResult, Split, largest_rank, low_rank, query_vector_elements, score_batches
+from .queries import PreparedQuery, Query, QueryPreparation
+from .results import Attribution, layer_shares, one_query, query_json, role_shares
+from .scoring import ScoreResult, score_batches
+from .stream import open_store, stream_top_k
+from .vectors import QUERY_GRAD_BYTES, QueryVectors, _stderr
+
+__all__ = ["Attribution", "Attributor", "METHODS", "PAD_MULTIPLE", "PreparedQuery", "QUERY_GRAD_BYTES", "Query"]
 
 METHODS = ("ms-if", "ss-if", "gdp", "repsim")
 PAD_MULTIPLE = 32  # candidate batches are padded to a multiple of this many tokens
-QUERY_GRAD_BYTES = 256 << 20  # query gradients formed at once (float32 bytes), besides the query vectors
-
-
-@dataclass
-class Query:
-    """A question to the fine-tuned model: ``prompt`` and its ``answer`` (None: greedy-decode one).
-
-    For a classification fine-tune, ``label`` (None: the model's predicted class) replaces the answer.
-    """
-
-    prompt: str
-    answer: str | None = None
-    label: int | None = None
-    id: str | None = None
-
-
-@dataclass
-class PreparedQuery:
-    query: Query
-    prompt_text: str  # after the template
-    answer: str | None
-    label: int | None
-    encoded: Encoded
-    generated: bool = False
-
-
-@dataclass
-class Attribution:
-    """Result of :meth:`Attributor.attribute`: scores of candidates (corpus rows) for each query."""
-
-    method: str
-    queries: list[PreparedQuery]
-    rows: list[list[int]]  # per query: candidate corpus rows, best first
-    doc_ids: list[list[str]]
-    scores: list[list[float]]
-    texts: list[list[str]] = field(default_factory=list)
-    token_scores: list[list[list[float]]] | None = None  # per query, per candidate, per token
-    tokens: list[list[list[str]]] | None = None
-    role_share: list[dict[str, float]] | None = None  # per query: share of |influence| by mlp / attention
-    layer_share: list[dict[str, float]] | None = None
-    dampings: dict[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> list[dict]:
-        out = []
-        for qi, pq in enumerate(self.queries):
-            hits = []
-            for r in range(len(self.rows[qi])):
-                h = {"rank": r + 1, "doc_id": self.doc_ids[qi][r], "row": self.rows[qi][r], "score": self.scores[qi][r]}
-                if self.texts:
-                    h["text"] = self.texts[qi][r]
-                if self.token_scores is not None:
-                    h["tokens"] = self.tokens[qi][r]
-                    h["token_scores"] = self.token_scores[qi][r]
-                hits.append(h)
-            d = {"query_id": pq.query.id, "prompt": pq.query.prompt, "answer": pq.answer, "label": pq.label,
-                 "generated": pq.generated, "method": self.method, "results": hits, "damping": self.dampings}
-            if self.role_share is not None:
-                d["role_share"] = self.role_share[qi]
-                d["layer_share"] = self.layer_share[qi]
-            out.append(d)
-        return out
 
 
 def _load(model, task):
@@ -108,7 +53,7 @@ def _is_classifier(model: nn.Module) -> bool:
     return "ForSequenceClassification" in type(model).__name__
 
 
-class Attributor:
+class Attributor(QueryPreparation, QueryVectors):
     """Everything needed to attribute a fine-tuned model's outputs to pre-training documents.
 
     ``pretrained`` / ``finetuned``: models or checkpoint paths (the fine-tuned one may be a sequence
@@ -209,307 +154,6 @@ class Attributor:
         fs.check_model(model_fingerprint(model, tms), what)
 
     # ------------------------------------------------------------------------------ queries
-    def _prompt_text(self, prompt: str) -> str:
-        if self.template == "plain":
-            return prompt
-        if not getattr(self.ft_tok, "chat_template", None):
-            raise InputError("the fine-tuned tokenizer has no chat template; use template='plain' (CLI: --template plain)")
-        return self.ft_tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-
-    @torch.no_grad()
-    def generate(self, prompt_text: str) -> tuple[Encoded, str]:
-        """Greedy-decode an answer from the fine-tuned model; returns the encoded pair and its text."""
-        if self.classifier:
-            raise InputError("a classification model does not generate text")
-        prompt_ids = encode_prompt(self.ft_tok, prompt_text)
-        if not prompt_ids:
-            raise InputError("the prompt is empty")
-        n_prompt = len(prompt_ids)
-        room = self.max_new_tokens if self.max_length is None else min(self.max_new_tokens, self.max_length - n_prompt)
-        if room < 1:
-            raise InputError(f"the prompt is {n_prompt} tokens long, leaving no room for an answer within max_length={self.max_length}")
-        ids = torch.tensor([prompt_ids], device=self.device)
-        eos = self.ft_tok.eos_token_id
-        out = self.ft.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=room, do_sample=False,
-                               pad_token_id=pad_token_id(self.ft_tok), eos_token_id=eos)
-        new = out[0, n_prompt:].tolist()
-        if eos is not None and eos in new:
-            new = new[: new.index(eos)]
-        text = self.ft_tok.decode(new)
-        if "\n" in text:  # stop at the end of the line
-            text = text[: text.index("\n")]
-            new = self.ft_tok(text, add_special_tokens=False)["input_ids"]
-        if not text.strip() or not new:
-            raise InputError(f"the fine-tuned model generated an empty answer to {prompt_text!r}; give an answer explicitly")
-        ids_all = prompt_ids + new
-        tm = [False] * len(ids_all)
-        for t in range(n_prompt - 1, len(ids_all) - 1):
-            tm[t] = True
-        return Encoded(ids_all, tm), text
-
-    def prepare(self, queries: Sequence[Query]) -> list[PreparedQuery]:
-        """Apply the template, generate missing answers (or predict missing labels), encode."""
-        if not queries:
-            raise InputError("no queries given")
-        out = []
-        for i, q in enumerate(queries):
-            if not isinstance(q.prompt, str) or not q.prompt.strip():
-                raise InputError(f"query {i}: the prompt is empty")
-            pt = self._prompt_text(q.prompt)
-            if self.classifier:
-                label = q.label
-                if label is None:
-                    enc = encode_classification(self.ft_tok, pt, 0, max_length=self.max_length, index=i)
-                    with torch.no_grad():
-                        b = collate([enc], pad_id=pad_token_id(self.ft_tok)).to(self.device)
-                        label = int(self.ft(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.argmax(-1))
-                n_labels = self.ft.config.num_labels
-                if not 0 <= int(label) < n_labels:
-                    raise InputError(f"query {i}: label {label} is outside the classifier's {n_labels} classes")
-                enc = encode_classification(self.ft_tok, pt, int(label), max_length=self.max_length, index=i)
-                out.append(PreparedQuery(q, pt, None, int(label), enc, generated=q.label is None))
-                continue
-            if q.answer is None:
-                enc, ans = self.generate(pt)
-                enc.index = i
-                out.append(PreparedQuery(q, pt, ans, None, enc, generated=True))
-            else:
-                enc = encode_prompt_answer(self.ft_tok, pt, q.answer, max_length=self.max_length, index=i)
-                out.append(PreparedQuery(q, pt, q.answer, None, enc))
-        return out
-
-    def query_gradients(self, prepared: list[PreparedQuery], factored: bool = False) -> dict:
-        """``∇m(θ_ft)`` per shared module, ``(Q, out, in_dim)``, ``m = −log p(answer | prompt)``;
-        with ``factored``, as :class:`~msif.curvature.precondition.Factored` ``s_qᵀ a_q`` for modules
-        where that is smaller than the dense matrix."""
-        objective = "classification" if self.classifier else "answer"
-        parts: dict[str, list] = {}
-        for i in range(0, len(prepared), self.batch_size):
-            b = collate([p.encoded for p in prepared[i : i + self.batch_size]], pad_id=pad_token_id(self.ft_tok)).to(self.device)
-            for n, f in per_example_factors(self.ft, self.shared, b, objective).items():
-                if not (torch.isfinite(f.s).all() and torch.isfinite(f.a).all()):
-                    raise FloatingPointError("the query gradient is NaN or infinite: check the fine-tuned model")
-                parts.setdefault(n, []).append(f)
-        out = {}
-        for n, fs in parts.items():
-            f = Factored.cat(fs)
-            out[n] = f if factored and f.worth_it() else torch.cat([x.dense() for x in fs])
-        return out
-
-    def _need(self, fs, which):
-        if fs is None:
-            raise FactorError(f"method needs the {which} factors: fit them with `msif fit` and pass them")
-        return fs
-
-    def vector_dtype(self) -> torch.dtype:
-        """Dtype of the query vectors: float64 when a model or a factor set is float64, else float32."""
-        dts = [next(m.parameters()).dtype for m in (self.pt, self.ft) if m is not None]
-        dts += [f.dtype for f in (self.pt_factors, self.ft_factors) if f is not None]
-        return torch.float64 if torch.float64 in dts else torch.float32
-
-    def query_vectors(self, grads: dict, method: str, damping_ft=None, damping_pt=None) -> dict[str, torch.Tensor]:
-        """``U`` per module: ``P_pt P_ft g`` (ms-if), ``P_ft g`` (ss-if) or ``g`` (gdp), in
-        :meth:`vector_dtype`; ``grads`` as :meth:`query_gradients` gives them (dense or factored).
-        Dampings default to the attributor's."""
-        dt = self.vector_dtype()
-        damping_ft = self.damping_ft if damping_ft is None else damping_ft
-        damping_pt = self.damping_pt if damping_pt is None else damping_pt
-        if method == "gdp":
-            return {n: g.dense(dt) if isinstance(g, Factored) else g.to(dt) for n, g in grads.items()}
-        ft = self._need(self.ft_factors, "fine-tuned")
-        missing = [n for n in grads if n not in ft.modules]
-        if missing:
-            raise FactorError(f"the fine-tuned factors do not cover module {missing[0]!r}; re-fit with --modules all")
-        if method == "ss-if":
-            return self._precondition([("ft", damping_ft)], grads, dt)
-        pt = self._need(self.pt_factors, "pre-trained")
-        common = [n for n in grads if n in pt.modules]
-        if not common:
-            raise FactorError("the pre-trained and fine-tuned factors share no module")
-        return self._precondition([("ft", damping_ft), ("pt", damping_pt)], {n: grads[n] for n in common}, dt)
-
-    def _precondition(self, stages: list[tuple[str, object]], grads: dict, dtype) -> dict[str, torch.Tensor]:
-        """``(G_k+λ_k)⁻¹ ⋯ (G_1+λ_1)⁻¹ g`` over ``stages`` (``"ft"`` / ``"pt"`` with a damping): EK-FAC
-        alone (:func:`chain`), or refined by :attr:`refine_query` CG steps per stage on the exact GGN
-        of a sample of that stage's data (:func:`msif.curvature.refine.refined_chain`)."""
-        factors = {"ft": self.ft_factors, "pt": self.pt_factors}
-        if not self.refine_query:
-            return chain([(factors[w], d) for w, d in stages], grads, dtype)
-        from ..curvature.refine import Stage, refined_chain
-
-        names = list(grads)
-        st = [Stage(factors[w], d, self.gvp(w, names)) for w, d in stages]
-        try:
-            U, reps = refined_chain(st, grads, self.refine_query, dtype, tol=self.refine_tol)
-        except ValueError as e:  # G + λ not positive definite along a CG direction: the damping is too small
-            raise InputError(f"--refine-query: {e}") from None
-        Q = next(iter(U.values())).shape[0]
-        for (w, _), r in zip(stages, reps):
-            self.refinements.append(dict(stage=w, queries=Q, train_step_s=self.gvp(w, names).step_seconds(), **r.summary()))
-        return U
-
-    def gvp(self, stage: str, modules: Sequence[str]):
-        """The exact GGN-vector product of ``stage`` (``"pt"``: θ_pt on the pre-training sample, its
-        factors' objective; ``"ft"``: θ_ft on the fine-tuning sample) over ``modules``; built once."""
-        from ..curvature.gvp import GGNOperator
-
-        key = (stage, tuple(modules))
-        if key not in self._gvps:
-            objective, batches = self._gvp_batches(stage)
-            model, tms = (self.pt, self.tms_pt) if stage == "pt" else (self.ft, self.shared)
-            keep = set(modules)
-            self._gvps[key] = GGNOperator(model, [tm for tm in tms if tm.name in keep], batches, objective)
-        return self._gvps[key]
-
-    def _gvp_batches(self, stage: str) -> tuple[str, list]:
-        """``(objective, batches)``: the first :attr:`gvp_examples` examples of the stage's data (a
-        path, or an iterable of :class:`Batch`; default: where its factors were fitted)."""
-        from pathlib import Path
-
-        from ..data.examples import ExampleBatches, Fields
-
-        fs = self.pt_factors if stage == "pt" else self.ft_factors
-        meta = fs.meta if fs is not None else {}
-        objective = meta.get("objective") or ("lm" if stage == "pt" else "classification" if self.classifier else "answer")
-        data = self._stage_data[stage]
-        flag = "--pretrained-data" if stage == "pt" else "--finetuned-data"
-        recorded = (meta.get("data") or {}).get("path")
-        if data is None and recorded is None:
-            raise InputError(f"--refine-query needs the {'pre-training' if stage == 'pt' else 'fine-tuning'} data for its "
-                             f"GGN-vector products: pass {flag} FILE (these factors do not record where they were fitted)")
-        if data is None:
-            data = recorded
-            if not Path(data).exists():
-                raise InputError(f"the {stage} factors were fitted on {data}, which no longer exists: pass {flag} FILE")
-        if isinstance(data, (str, os.PathLike)):
-            if not Path(data).exists():
-                raise InputError(f"{flag} {data}: no such file or folder")
-            f = self.fields or (Fields(**meta["data"]["fields"]) if (meta.get("data") or {}).get("fields") else Fields())
-            data = ExampleBatches(data, self.tok if stage == "pt" else self.ft_tok, objective, batch_size=self.batch_size,
-                                  fields=f, max_examples=self.gvp_examples, max_length=self.max_length, truncate=True)
-        out, n = [], 0
-        for b in data:
-            if n >= self.gvp_examples:
-                break
-            keep = min(b.size, self.gvp_examples - n)
-            out.append(b if keep == b.size else b.head(keep))
-            n += keep
-        return objective, out
-
-    def refine_summary(self) -> dict | None:
-        """Cost of the refined query vectors so far: per query, GGN-vector products and seconds, and
-        those seconds as a multiple of one plain training step over each stage's sample."""
-        if not self.refinements:
-            return None
-        out = {"iterations": self.refine_query, "stages": {}}
-        for r in self.refinements:
-            s = out["stages"].setdefault(r["stage"], {"queries": 0, "products": 0, "seconds": 0.0, "train_step_s": r["train_step_s"],
-                                                      "max_relative_residual": 0.0})
-            s["queries"] += r["queries"]
-            s["products"] += r["products"]
-            s["seconds"] += r["seconds"]
-            s["max_relative_residual"] = max(s["max_relative_residual"], r["max_relative_residual"][-1] if r["max_relative_residual"] else 0.0)
-        for w, s in out["stages"].items():
-            q = max(1, s["queries"])
-            s["products_per_query"] = s["products"] / q
-            s["seconds_per_query"] = s["seconds"] / q
-            s["train_steps_per_query"] = s["seconds_per_query"] / s["train_step_s"] if s["train_step_s"] > 0 else float("nan")
-            s["gvp_examples"] = sum(b.size for b in next(g for k, g in self._gvps.items() if k[0] == w).batches)
-        return out
-
-    def vector_modules(self, method: str) -> list:
-        """The tracked modules that carry a query vector for ``method`` (candidate-side objects)."""
-        if method in ("ms-if",) and self.pt_factors is not None:
-            return [tm for tm in self.shared if tm.name in self.pt_factors.modules]
-        return list(self.shared)
-
-    def choose_rank(self, n_queries: int, method: str, rank: int | None = None, max_memory: int | None = None, log=None) -> int | None:
-        """``rank`` if given; else None (dense) when ``n_queries`` dense query vectors fit in ``max_memory``
-        bytes, else the largest low-rank rank that fits (and says so through ``log``)."""
-        if rank is not None or max_memory is None or method == "repsim":
-            return rank
-        from .stream import format_bytes
-
-        tms = self.vector_modules(method)
-        el = torch.finfo(self.vector_dtype()).bits // 8
-        dense = n_queries * query_vector_elements(tms) * el
-        if dense <= max_memory:
-            return None
-        r = largest_rank(tms, n_queries, max_memory, el)
-        if r is None:
-            raise InputError(
-                f"the query vectors of {n_queries} queries do not fit in --max-memory {format_bytes(max_memory)} even at rank 1; "
-                "attribute fewer queries at once or raise --max-memory"
-            )
-        used = n_queries * query_vector_elements(tms, r) * el
-        (log or _stderr)(f"query vectors of {n_queries} queries would take {format_bytes(dense)} dense, over --max-memory "
-                         f"{format_bytes(max_memory)}: using low-rank query vectors of rank {r} per block ({format_bytes(used)}); "
-                         "--rank R forces a rank")
-        return r
-
-    def make_query_vectors(self, prepared: list[PreparedQuery], method: str, rank: int | None = None) -> dict:
-        """``U`` of every prepared query (module → :class:`~msif.influence.scoring.Split`, or
-        :class:`~msif.influence.scoring.LowRank` with ``rank``). Gradients are made for as many queries at
-        a time as fit :data:`QUERY_GRAD_BYTES` (factored where that is smaller, and so that one
-        module's dense copy fits it too) and preconditioned one module at a time, each written into
-        its rows of ``U`` (allocated once), so besides ``U`` only those gradients and one module's
-        preconditioned copies exist. RepSim: the queries' mean last hidden states ``(Q, d)`` under
-        the key ``"repsim"``."""
-        if method == "repsim":
-            return {"repsim": self._repsim_queries(prepared)}
-        if method == "ss-if" and self.classifier:
-            raise InputError(
-                "single-stage IF needs the fine-tuned model to be a language model over the pre-training vocabulary; "
-                f"{type(self.ft).__name__} has a classification head. Use --method ms-if (or gdp / repsim)."
-            )
-        keep = {tm.name for tm in self.vector_modules(method)}
-        tmap = {tm.name: tm for tm in self.shared}
-        Q, out = len(prepared), {}
-        T = max(len(p.encoded.input_ids) for p in prepared)
-        per_query = sum(min(tm.out_features * tm.in_dim, T * (tm.out_features + tm.in_dim)) for tm in self.shared) * 4
-        widest = max(tm.out_features * tm.in_dim for tm in self.shared) * 4
-        # gradients held at once ≤ QUERY_GRAD_BYTES (dense or factored), and so is one module's dense working copy
-        step = max(1, min(QUERY_GRAD_BYTES // per_query, QUERY_GRAD_BYTES // widest))
-        refine = self.refine_query > 0 and method != "gdp"
-        if refine:  # CG holds six copies of every query's vector (refine.py): as many queries as fit QUERY_GRAD_BYTES
-            step = max(1, QUERY_GRAD_BYTES // (6 * sum(tm.out_features * tm.in_dim for tm in self.shared) * 4))
-        for i in range(0, Q, step):
-            grads = self.query_gradients(prepared[i : i + step], factored=method != "gdp")
-            j = min(Q, i + step)
-            if refine:  # the exact GGN couples the modules: all of them at once
-                grads = self.query_vectors(grads, method)
-            for n in list(grads):
-                g = grads.pop(n)
-                if refine:  # already preconditioned, all modules together
-                    v = g
-                else:
-                    if method == "ms-if":  # the ft factors must cover every shared module (query_vectors says so)
-                        self._need(self.ft_factors, "fine-tuned")
-                        if n not in keep:
-                            if n not in self.ft_factors.modules:
-                                self.query_vectors({n: g}, "ss-if")  # raises the missing-module error
-                            continue
-                    v = self.query_vectors({n: g}, method)[n]
-                del g
-                if rank is not None:
-                    v = low_rank({n: v}, [tmap[n]], rank)[n]
-                if isinstance(v, LowRank):
-                    if n not in out:
-                        out[n] = LowRank(v.X.new_empty((Q, *v.X.shape[1:])), v.Y.new_empty((Q, *v.Y.shape[1:])))
-                    out[n].X[i:j], out[n].Y[i:j] = v.X, v.Y
-                else:
-                    tm = tmap[n]
-                    if n not in out:
-                        out[n] = Split.empty(Q, tm, v.dtype, v.device)
-                    out[n].W[i:j] = v[..., : tm.in_features]
-                    if tm.bias:
-                        out[n].b[i:j] = v[..., tm.in_features]
-                del v
-            del grads
-        if not out:
-            raise FactorError("the pre-trained and fine-tuned factors share no module")
-        return out
-
     def release(self, method: str) -> None:
         """Free what only the query vectors need: both factor sets and, unless it scores the
         candidates (ss-if), the fine-tuned model. The attributor can then only score."""
@@ -610,7 +254,8 @@ class Attributor:
     def attribute(self, queries: Sequence[Query | PreparedQuery], corpus, candidates: Sequence[Sequence[int]] | None = None,
                   method: str = "ms-if", top: int = 10, per_token: bool = True, rank: int | None = None,
                   text_field: str = "text", chunk_size: int = 1024, scores_out=None, max_memory: int | None = None,
-                  dtype: torch.dtype | None = None, release: bool = False, progress: bool = False, log=None) -> Attribution:
+                  dtype: torch.dtype | None = None, release: bool = False, progress: bool = False, log=None,
+                  damping_ft=None, damping_pt=None) -> Attribution:
         """Rank candidate rows of ``corpus`` (a :class:`msif.data.corpus.Corpus` or a list of texts) per query.
 
         ``candidates``: per query, the corpus rows to rerank (e.g. from the embedding index); ``None``
@@ -623,6 +268,7 @@ class Attributor:
         fine-tuned model once the query vectors exist. ``dtype``: cast the candidate model to it
         after the query vectors are made (bf16 / fp16 scores are checked against float32 on the
         first candidates). Already prepared queries (:meth:`prepare`) are used as they are.
+        ``damping_ft`` / ``damping_pt``: this call's dampings (default: the attributor's).
         """
 
         log = log or _stderr
@@ -646,7 +292,7 @@ class Attributor:
             raise InputError("--scores-out stores one (queries × documents) matrix: give every query the same candidates "
                              "(e.g. --retriever all)")
         att = Attribution(method, prepared, [None] * len(prepared), [None] * len(prepared), [None] * len(prepared),
-                          texts=[None] * len(prepared), dampings=self._resolved_dampings(method))
+                          texts=[None] * len(prepared), dampings=self.resolved_dampings(method, damping_ft, damping_pt))
         want_tokens = per_token and method != "repsim"
         if want_tokens:
             att.token_scores, att.tokens = [None] * len(prepared), [None] * len(prepared)
@@ -654,7 +300,8 @@ class Attributor:
             att.role_share, att.layer_share = [None] * len(prepared), [None] * len(prepared)
         rank = self.choose_rank(len(prepared), method, rank, max_memory, log)
         store_inputs = self._store_inputs(prepared, corpus, method, rank, dtype, chunk_size, top, att.dampings) if scores_out is not None else None
-        vectors = {rows: self.make_query_vectors([prepared[q] for q in qis], method, rank) for rows, qis in groups.items()}
+        vectors = {rows: self.make_query_vectors([prepared[q] for q in qis], method, rank, damping_ft, damping_pt)
+                   for rows, qis in groups.items()}
         if release:
             self.release(method)
         if dtype is not None:
@@ -668,8 +315,9 @@ class Attributor:
                 self.check_precision(U, method, texts_of(first), log)
             store = None
             if scores_out is not None:
-                store = self._open_store(scores_out, store_inputs, [_query_json(prepared[q]) for q in qis], n, chunk_size)
-            best, absm = self._stream(U, method, corpus, rows, len(qis), min(top, n), chunk_size, store, progress and w.main)
+                store = open_store(scores_out, store_inputs, [query_json(prepared[q]) for q in qis], n, chunk_size)
+            best, absm = stream_top_k(lambda texts, U=U: self.score_texts(U, texts, method), corpus, rows, len(qis), min(top, n),
+                                      chunk_size, store, progress and w.main)
             if store is not None:
                 barrier("finishing the score shards")
                 if w.main:
@@ -680,86 +328,6 @@ class Attributor:
             del U
         vectors.clear()
         return att if w.main else None
-
-    @staticmethod
-    def _open_store(folder, inputs, queries, n, chunk_size):
-        """The score-shard folder; with several ranks rank 0 creates it first and alone keeps its manifest."""
-        from .stream import ShardStore
-
-        w = world()
-        store = ShardStore.open(folder, inputs, queries, n, chunk_size) if w.main else None
-        barrier("opening the score shards")
-        if not w.main:
-            store = ShardStore.open(folder, inputs, queries, n, chunk_size, writer=False)
-        return store
-
-    def _stream(self, U, method, corpus, rows, n_queries, k, chunk_size, store, progress):
-        """Top-``k`` per query over the candidates (chunk by chunk) and the sums of |per-module score|."""
-        import sys
-
-        from tqdm.auto import tqdm
-
-        from .stream import TopK, iter_chunks
-
-        best = TopK(n_queries, k)
-        absm = None
-        cached = {}
-        w = world()
-        total = len(corpus) if rows is None else len(rows)
-        bar = tqdm(total=total, unit="doc", desc="scoring", file=sys.stderr, disable=not progress, dynamic_ncols=True,
-                   smoothing=0.1)
-
-        def skip(i):  # another rank's chunk, or one already in the store: its texts are not read
-            return not w.mine(i) or (store is not None and self._cached(store, i, cached))
-
-        try:
-            for chunk in iter_chunks(corpus, rows, chunk_size, skip=skip):
-                if not w.mine(chunk.index):
-                    continue
-                shard = cached.pop(chunk.index, None)
-                if shard is not None and shard["rows"].tolist() == chunk.rows:
-                    part_s, part_r, chunk_abs = shard["topk_scores"], shard["topk_rows"], shard["abs_per_module"]
-                else:
-                    if not chunk.texts:  # a cached shard that did not match its rows after all
-                        chunk.texts = list(corpus.texts(chunk.rows)) if hasattr(corpus, "texts") else [corpus[r] for r in chunk.rows]
-                    res = self.score_texts(U, chunk.texts, method)
-                    part = TopK(n_queries, k)
-                    part.update(res.scores, chunk.rows)
-                    part_s, part_r = part.scores, part.rows
-                    chunk_abs = res.per_module.abs().sum(1).to("cpu", torch.float64)
-                    if store is not None:
-                        store.save(chunk.index, res.scores, chunk.rows, part, chunk_abs)
-                    del res
-                best.update(part_s, part_r)
-                best.max_held = max(best.max_held, len(chunk.rows) + k)
-                absm = chunk_abs.clone() if absm is None else absm + chunk_abs
-                bar.update(min(len(chunk.rows) * w.size, total - bar.n))  # rank 0's share stands for every rank's
-        finally:
-            bar.close()
-        if not w.active:
-            return best, absm
-        parts = gather_objects((best.scores, best.rows, best.max_held, absm), "collecting the ranks' top documents")
-        if not w.main:
-            return None, None
-        position = None if rows is None else {int(r): i for i, r in enumerate(rows)}
-        merged = TopK.merged([(sc, rw) for sc, rw, _, _ in parts], k, position)
-        merged.max_held = max(h for _, _, h, _ in parts)
-        absm = sum(a for *_, a in parts if a is not None)
-        return merged, absm
-
-    @staticmethod
-    def _cached(store, i, cached) -> bool:
-        """Chunk ``i``'s shard exists (kept in ``cached`` for the loop; its rows are checked there)."""
-        p = store.path(i)
-        if not p.exists():
-            return False
-        from safetensors.torch import load_file
-
-        try:
-            cached[i] = load_file(str(p))
-        except Exception:  # noqa: BLE001  (damaged or foreign: recompute)
-            return False
-        return "rows" in cached[i] and "topk_rows" in cached[i]
 
     def _fill(self, att, qis, best, absm, U, method, texts_of, ids_of, want_tokens):
         """Results of one candidate group: rows, ids, scores, texts, per-token scores (a second pass
@@ -774,12 +342,12 @@ class Attributor:
             att.doc_ids[qi] = ids_of(rows)
             att.texts[qi] = [texts[r] for r in rows]
             if want_tokens:  # this query's top documents only: a pass over k documents with one query vector
-                res = self.score_texts(_one_query(U, j), att.texts[qi], method, per_token=True)
+                res = self.score_texts(one_query(U, j), att.texts[qi], method, per_token=True)
                 att.token_scores[qi] = [t[0].tolist() for t in res.per_token]
                 att.tokens[qi] = [self._token_strings(t) for t in att.texts[qi]]
             if att.role_share is not None:
-                att.role_share[qi] = _role_shares(absm[j], roles)
-                att.layer_share[qi] = _layer_shares(absm[j], modules, roles)
+                att.role_share[qi] = role_shares(absm[j], roles)
+                att.layer_share[qi] = layer_shares(absm[j], modules, roles)
 
     # ------------------------------------------------------------------------ precision, inputs
     def check_precision(self, U, method: str, texts: Sequence[str], log=None) -> dict | None:
@@ -818,7 +386,7 @@ class Attributor:
             corp = {k: c[k] for k in ("n_rows", "sample_sha256", "text_field", "id_field")}
         else:
             corp = {"n_rows": len(corpus), "sha256": hashlib.sha256("\0".join(corpus).encode()).hexdigest()}
-        queries = [_query_json(p) for p in prepared]
+        queries = [query_json(p) for p in prepared]
         cand = self.candidate_model(method)
         return {
             "method": method,
@@ -840,46 +408,3 @@ class Attributor:
     def _token_strings(self, text: str) -> list[str]:
         enc = encode_text(self.tok, text, max_length=self.max_length, truncate=True)
         return [self.tok.decode([t]) for t in enc.input_ids]
-
-    def _resolved_dampings(self, method: str) -> dict[str, float]:
-        d = {}
-        if method in ("ms-if", "ss-if") and self.ft_factors is not None:
-            d["ft"] = self.ft_factors.resolve_damping(self.damping_ft)
-        if method == "ms-if" and self.pt_factors is not None:
-            d["pt"] = self.pt_factors.resolve_damping(self.damping_pt)
-        return d
-
-
-def _stderr(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr)
-
-
-def _one_query(U: dict, j: int) -> dict:
-    """Query ``j``'s vectors alone (views, no copy)."""
-    return {n: LowRank(v.X[j : j + 1], v.Y[j : j + 1]) if isinstance(v, LowRank) else v.rows(j, j + 1) if isinstance(v, Split)
-            else v[j : j + 1] for n, v in U.items()}
-
-
-def _query_json(p: PreparedQuery) -> dict:
-    return {"id": p.query.id, "prompt": p.prompt_text, "answer": p.answer, "label": p.label}
-
-
-def _role_shares(absm: torch.Tensor, roles: list[str]) -> dict[str, float]:
-    """Share of |influence| per role (mlp / attention) from the sums of |per-module score| ``(M,)``."""
-    tot = float(absm.sum()) or 1.0
-    return {r: float(sum(v for v, x in zip(absm.tolist(), roles) if x == r)) / tot for r in sorted(set(roles))}
-
-
-def _layer_shares(absm: torch.Tensor, modules: list[str], roles: list[str]) -> dict[str, float]:
-    """Share of |influence| per (layer, role), e.g. ``{"layer 0 mlp": 0.4, ...}``, from ``absm (M,)``."""
-    import re
-
-    tot = float(absm.sum()) or 1.0
-    out: dict[str, float] = {}
-    for name, role, v in zip(modules, roles, absm.tolist()):
-        m = re.search(r"\.(\d+)\.", name)
-        key = f"layer {m.group(1) if m else '?'} {role}"
-        out[key] = out.get(key, 0.0) + v / tot
-    return out

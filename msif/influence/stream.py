@@ -23,6 +23,7 @@ import torch
 
 from ..atomic import atomic_write, atomic_write_text
 from ..data.encoding import InputError
+from ..distributed import barrier, gather_objects, world
 
 MANIFEST = "manifest.json"
 SHARD_FORMAT = 1
@@ -270,3 +271,84 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+# ------------------------------------------------------------------------------- the stream
+def open_store(folder, inputs, queries, n, chunk_size):
+    """The score-shard folder; with several ranks rank 0 creates it first and alone keeps its manifest."""
+    w = world()
+    store = ShardStore.open(folder, inputs, queries, n, chunk_size) if w.main else None
+    barrier("opening the score shards")
+    if not w.main:
+        store = ShardStore.open(folder, inputs, queries, n, chunk_size, writer=False)
+    return store
+
+
+def stream_top_k(score, corpus, rows, n_queries, k, chunk_size, store, progress):
+    """Top-``k`` per query over ``rows`` of ``corpus`` (``None``: all), chunk by chunk, and the sums
+    of |per-module score| ``(Q, M)``; ``score(texts)`` gives a chunk's :class:`ScoreResult`.
+    Chunks already in ``store`` are read back, new ones written to it; with several ranks each
+    scores its own chunks and rank 0 gets the merged result (the others get ``(None, None)``)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    best = TopK(n_queries, k)
+    absm = None
+    cached = {}
+    w = world()
+    total = len(corpus) if rows is None else len(rows)
+    bar = tqdm(total=total, unit="doc", desc="scoring", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+               smoothing=0.1)
+
+    def skip(i):  # another rank's chunk, or one already in the store: its texts are not read
+        return not w.mine(i) or (store is not None and _cached(store, i, cached))
+
+    try:
+        for chunk in iter_chunks(corpus, rows, chunk_size, skip=skip):
+            if not w.mine(chunk.index):
+                continue
+            shard = cached.pop(chunk.index, None)
+            if shard is not None and shard["rows"].tolist() == chunk.rows:
+                part_s, part_r, chunk_abs = shard["topk_scores"], shard["topk_rows"], shard["abs_per_module"]
+            else:
+                if not chunk.texts:  # a cached shard that did not match its rows after all
+                    chunk.texts = list(corpus.texts(chunk.rows)) if hasattr(corpus, "texts") else [corpus[r] for r in chunk.rows]
+                res = score(chunk.texts)
+                part = TopK(n_queries, k)
+                part.update(res.scores, chunk.rows)
+                part_s, part_r = part.scores, part.rows
+                chunk_abs = res.per_module.abs().sum(1).to("cpu", torch.float64)
+                if store is not None:
+                    store.save(chunk.index, res.scores, chunk.rows, part, chunk_abs)
+                del res
+            best.update(part_s, part_r)
+            best.max_held = max(best.max_held, len(chunk.rows) + k)
+            absm = chunk_abs.clone() if absm is None else absm + chunk_abs
+            bar.update(min(len(chunk.rows) * w.size, total - bar.n))  # rank 0's share stands for every rank's
+    finally:
+        bar.close()
+    if not w.active:
+        return best, absm
+    parts = gather_objects((best.scores, best.rows, best.max_held, absm), "collecting the ranks' top documents")
+    if not w.main:
+        return None, None
+    position = None if rows is None else {int(r): i for i, r in enumerate(rows)}
+    merged = TopK.merged([(sc, rw) for sc, rw, _, _ in parts], k, position)
+    merged.max_held = max(h for _, _, h, _ in parts)
+    absm = sum(a for *_, a in parts if a is not None)
+    return merged, absm
+
+
+def _cached(store, i, cached) -> bool:
+    """Chunk ``i``'s shard exists (kept in ``cached`` for the loop; its rows are checked there)."""
+    p = store.path(i)
+    if not p.exists():
+        return False
+    from safetensors.torch import load_file
+
+    try:
+        cached[i] = load_file(str(p))
+    except Exception:  # noqa: BLE001  (damaged or foreign: recompute)
+        return False
+    return "rows" in cached[i] and "topk_rows" in cached[i]
