@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -34,39 +35,32 @@ def _model_and_tokenizer(model, tokenizer, objective: str, dtype=None, device="c
 def fit(
     model,
     data,
+    config: FitConfig | None = None,
+    *,
     out: str | os.PathLike | None = None,
     tokenizer=None,
-    objective: str = "lm",
-    strategy: str = "ekfac",
-    modules: str = "all",
-    per_head: bool = True,
-    labels: str = "sampled",
-    max_examples: int | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
     fields: Fields | None = None,
     max_length: int | None = None,
     truncate: bool = False,
-    generic: bool = False,
     progress: bool = True,
     model_name: str | None = None,
-    samples: int = 1,
-    refine: int = 0,
-    config: FitConfig | None = None,
     checkpoint_every: int = 100,
     resume: bool = True,
     dtype=None,
     device: str = "cpu",
     fsdp: bool = False,
     overwrite: bool = False,
+    **settings,
 ) -> FactorSet:
-    """Fit curvature factors of ``model`` on ``data`` and (if ``out``) save them atomically.
+    """Fit curvature factors of ``model`` on ``data`` with the settings ``config`` (a whole
+    :class:`~msif.curvature.fit.FitConfig`, stored with the factors) and (if ``out``) save them atomically.
 
+    ``settings``: :class:`FitConfig` fields that override ``config``'s (or the defaults), e.g.
+    ``fit(model, data, out="f", objective="answer", batch_size=16)``.
     ``model``: a loaded HF model, or a local checkpoint folder / hub id (loaded on ``device``).
     ``dtype``: run the model in this precision (``"bfloat16"``...; the fingerprint stays that of the
     weights as given, so the factors match the checkpoint). ``data``: a JSONL / Parquet / ``datasets`` path (fields per ``objective``: ``text``;
     ``prompt``+``answer``; ``text``+``label``), or a re-iterable of :class:`msif.data.encoding.Batch`.
-    ``config``: a whole :class:`FitConfig` (then the keyword settings it holds are ignored).
 
     Under torchrun (``torchrun --nproc-per-node N``), the batches are split across the ranks and their
     sums reduced (:mod:`msif.distributed`); every rank returns the same factors, rank 0 writes them.
@@ -82,9 +76,11 @@ def fit(
     checkpoint, other files) and, unless ``overwrite``, earlier factors are refused; one process at a
     time may write it (a second fit into the same ``out`` is refused while the first runs).
     """
-    cfg = config or FitConfig(objective=objective, strategy=strategy, modules=modules, per_head=per_head, labels=labels,
-                              seed=seed, max_examples=max_examples, batch_size=batch_size, generic=generic,
-                              samples=samples, refine=refine)
+    known = {f.name for f in dataclasses.fields(FitConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"fit() got an unknown setting {unknown[0]!r}; the settings are FitConfig's fields: {', '.join(sorted(known))}")
+    cfg = dataclasses.replace(config or FitConfig(), **settings)
     cfg.validate()
     import contextlib
 

@@ -368,8 +368,16 @@ def _attribute(w, *, pretrained, finetuned, corpus, pretrained_factors, finetune
         pretrained_data=pretrained_data, finetuned_data=finetuned_data, gvp_examples=gvp_examples,
     )
     prepared = att.prepare(qs)
-    search_texts = [p.query.prompt + (" " + p.answer.strip() if p.answer else "") for p in prepared]
-    cand_rows, retr_scores = _candidates(corp, index_dir, retriever, method, search_texts, candidates)
+    from .retrieval.candidates import query_text, select_candidates
+
+    if method.value in ("bm25", "tfidf"):  # the retrieval scores alone
+        kind, index = method.value, None
+    elif index_dir is not None:  # the embedding index, whatever --retriever says
+        kind, index = "embedding", index_dir
+    else:
+        kind, index = ("embedding" if method.value == "embedding" else retriever), None
+    found = select_candidates(corp, [query_text(p.query.prompt, p.answer) for p in prepared], candidates, index, kind)
+    cand_rows, retr_scores = found.rows, found.scores
     if method.value in ("bm25", "tfidf", "embedding"):
         results = []
         for qi, p in enumerate(prepared):
@@ -449,36 +457,6 @@ def _report_refinement(summary: dict | None) -> None:
                       f"{s['max_relative_residual']:.2e}", markup=False, highlight=False)
 
 
-def _candidates(corp, index_dir, retriever, method, texts, k):
-    """Per query: candidate corpus rows (best first) and their retrieval scores; ``None`` rows (and
-    scores) for every document of the corpus in row order."""
-    from .data.encoding import InputError
-
-    if method.value == "embedding" and index_dir is None:
-        raise InputError("--method embedding needs --index DIR (build it with `msif index CORPUS --out DIR`)")
-    if index_dir is not None and method.value not in ("bm25", "tfidf"):
-        from .retrieval import load_index
-
-        hits = load_index(index_dir, corpus=corp).search(texts, k=k)
-    elif method.value in ("bm25", "tfidf") or retriever in ("bm25", "tfidf"):
-        from .retrieval import BM25Index, TfidfIndex
-
-        kind = method.value if method.value in ("bm25", "tfidf") else retriever
-        hits = (BM25Index if kind == "bm25" else TfidfIndex).build(corp).search(texts, k=k)
-    else:
-        if retriever == "auto" and len(corp) > 20_000:
-            raise InputError(
-                f"the corpus has {len(corp)} documents: select candidates with an embedding index (`msif index CORPUS --out DIR`, "
-                "then --index DIR) or --retriever bm25; --retriever all scores every document"
-            )
-        return [None for _ in texts], [None for _ in texts]  # every document, streamed (no O(N) row lists)
-    rows = [[int(r) for r in rr if r >= 0] for rr in hits.rows]
-    scores = [[float(s) for s, r in zip(ss, rr) if r >= 0] for ss, rr in zip(hits.scores, hits.rows)]
-    if any(not r for r in rows):
-        raise InputError("the retriever found no candidate document for a query; try another --retriever or a larger --candidates")
-    return rows, scores
-
-
 @app.command()
 @user_errors
 def demo(
@@ -552,14 +530,15 @@ def bench_fact_tracing(
         if v is not None:
             over[name] = v
     if dampings:
-        from .eval.fact_tracing import _damping_kind, _parse_damping
+        from .curvature.damping import Damping
 
         try:
-            over["dampings"] = tuple(_parse_damping(x) for x in dampings.split(",") if x.strip())
+            parsed = [Damping.parse(x) for x in dampings.split(",") if x.strip()]
         except ValueError:
             _fail(f"--dampings must be comma-separated numbers ≥ 0 (absolute) or multiples like 0.1x (relative), not {dampings!r}")
-        if not over["dampings"] or len({_damping_kind(x) for x in over["dampings"]}) > 1:
+        if not parsed or len({d.relative for d in parsed}) > 1:
             _fail("--dampings: give absolute values or relative ones (0.1x), not both")
+        over["dampings"] = tuple(d.to_json() for d in parsed)
     if over.get("trials", 1) < 1 or over.get("n_queries", 1) < 1:
         _fail("--trials and --queries must be ≥ 1")
     cfg = replace(cfg, **over)

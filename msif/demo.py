@@ -93,7 +93,7 @@ def run_demo(
     from .data.corpus import Corpus
     from .influence.attribute import Attributor, Query
     from .report.html import write_report
-    from .retrieval import load_index
+    from .retrieval.candidates import query_text, select_candidates
     from .worldfacts import load_world
 
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -130,8 +130,7 @@ def run_demo(
     log(f"\nQ: {question}\nA (fine-tuned model{', greedy' if pq.generated else ''}): {pq.answer!r}"
         + (f"   [known answer: {fact.answer!r}]" if fact is not None else ""))
     corpus = Corpus(corpus_path)
-    hits = load_index(art.index, corpus=corpus).search([question + " " + pq.answer.strip()], k=candidates)
-    rows = [int(r) for r in hits.rows[0] if r >= 0]
+    (rows,) = select_candidates(corpus, [query_text(question, pq.answer)], candidates, index=art.index).rows
     res = att.attribute([pq], corpus, candidates=[rows], method=method, top=top)
     result = res.to_json()[0]
     result["prompt"] = question

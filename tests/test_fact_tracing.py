@@ -107,10 +107,10 @@ def test_random_scores_drop_to_chance(quick_run):
         assert fake_bm25 < real_bm25 - 0.2
 
 
-def test_candidate_pass_matches_attributor_scores(world, quick_run):
-    """The benchmark's batched contraction gives the library's scores (Attributor.score) for each method."""
+def test_per_query_candidate_pass_matches_attributor_scores(world, quick_run):
+    """The benchmark's pass (stacked variants per query, each query contracted with its own candidates
+    only) gives the library's scores (Attributor.score over that query's candidates) for each method."""
     from msif.curvature.factors import FactorSet
-    from msif.data.encoding import pad_token_id
     from msif.influence.attribute import Attributor, Query
     from msif.models.loading import load_model, load_tokenizer
 
@@ -125,7 +125,7 @@ def test_candidate_pass_matches_attributor_scores(world, quick_run):
     facts = world.test_facts[:2]
     prep = att.prepare([Query(world.qa_prompt(f.question), f.answer) for f in facts])
     texts = [d["text"] for d in world.documents]
-    rows = np.arange(5, 45)
+    rows_of = [np.arange(5, 45), np.arange(30, 61)[::-1].copy()]  # overlapping, of different sizes, one reversed
     names = [tm.name for tm in att.shared]
     g = att.query_gradients(prep)
     u_ft = att.query_vectors(g, "ss-if")
@@ -133,12 +133,13 @@ def test_candidate_pass_matches_attributor_scores(world, quick_run):
     ref_ms = att.query_vectors(g, "ms-if")
     for n in names:  # two float32 routes (fused basis change, factored gradients) through a 1e-5-damped inverse
         assert float((u_ms[n] - ref_ms[n]).norm() / ref_ms[n].norm()) < 1e-3
-    enc = dict(zip(rows.tolist(), att.encode_candidates([texts[r] for r in rows], rows)))
-    for method, model, U in (("ms-if", pt, u_ms), ("ss-if", ft, u_ft), ("gdp", pt, g)):
-        Uf = ft_mod._flatten({n: U[n].double() for n in names}, names)
-        reqs = [ft_mod._Request(i, Uf[i : i + 1], rows[::-1].copy()) for i in range(len(facts))]
-        got = ft_mod.candidate_pass(model, att.shared, enc, reqs, 7, pad_token_id(tok))
-        ref = att.score(prep, [texts[r] for r in rows[::-1]], rows[::-1], method=method).scores.numpy()
+    enc = att.encode_candidates(texts, range(len(texts)))
+    stacked = ft_mod._stacked([u_ms, g], len(facts))  # per query: [ms-if, gdp], both scored on θ_pt
+    got_pt = ft_mod._score_stage(att, stacked, "ms-if", rows_of, 2, enc)
+    got_ft = ft_mod._score_stage(att, ft_mod._stacked([u_ft], len(facts)), "ss-if", rows_of, 1, enc)
+    for method, got, v in (("ms-if", got_pt, 0), ("gdp", got_pt, 1), ("ss-if", got_ft, 0)):
         for i in range(len(facts)):
-            scale = np.abs(ref[i]).max()
-            np.testing.assert_allclose(got[i][0], ref[i], rtol=0, atol=1e-3 * scale)
+            ref = att.score(prep[i : i + 1], [texts[r] for r in rows_of[i]], rows_of[i], method=method).scores.numpy()[0]
+            assert got[i].shape == (2 if method != "ss-if" else 1, len(rows_of[i]))
+            scale = np.abs(ref).max()
+            np.testing.assert_allclose(got[i][v], ref, rtol=0, atol=1e-3 * scale)

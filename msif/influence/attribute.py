@@ -203,12 +203,19 @@ class Attributor(QueryPreparation, QueryVectors):
         texts' order (``indices`` are positions in ``texts``)."""
         if method == "repsim":
             return self._repsim_scores(U["repsim"], texts)
-        enc = self.encode_candidates(texts, range(len(texts)))
-        res = score_batches(self.candidate_model(method), self.shared, U, self._candidate_batches(enc), objective="lm",
-                            per_token=per_token)
-        order = torch.argsort(res.indices)  # back to the texts' order
+        return self.score_encoded(U, self.encode_candidates(texts, range(len(texts))), method, per_token=per_token)
+
+    def score_encoded(self, U: dict, encoded: Sequence[Encoded], method: str, per_token: bool = False,
+                      subsets: Sequence[Sequence[int]] | None = None) -> ScoreResult:
+        """Scores of already encoded candidates (:meth:`encode_candidates`) against ``U``, columns in
+        ascending ``Encoded.index`` (``indices``). ``subsets``: per query row, the indices it wants
+        (the others are NaN; :func:`~msif.influence.scoring.score_batches`)."""
+        res = score_batches(self.candidate_model(method), self.shared, U, self._candidate_batches(list(encoded)),
+                            objective="lm", per_token=per_token, subsets=subsets)
+        order = torch.argsort(res.indices)  # ascending index: the texts' order for score_texts
         res.scores = res.scores[:, order.to(res.scores.device)]
-        res.per_module = res.per_module[:, order.to(res.per_module.device)]
+        if res.per_module is not None:
+            res.per_module = res.per_module[:, order.to(res.per_module.device)]
         if res.per_token is not None:
             res.per_token = [res.per_token[int(i)] for i in order]
         res.indices = res.indices[order]

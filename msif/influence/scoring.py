@@ -17,7 +17,7 @@ orders compute it:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -105,13 +105,14 @@ def largest_rank(tms: list[TrackedModule], n_queries: int, budget_bytes: int, el
 class ScoreResult:
     """Scores of ``N`` candidates for ``Q`` queries.
 
-    ``scores (Q, N)``; ``per_module (Q, N, M)`` over ``modules`` (names, in order); ``per_token`` (when
+    ``scores (Q, N)``; ``per_module (Q, N, M)`` over ``modules`` (names, in order; None when scored
+    with subsets); ``per_token`` (when
     asked) a list over candidates of ``(Q, T_n)`` tensors; ``indices (N,)`` the candidates' dataset
     positions, in the order scored.
     """
 
     scores: torch.Tensor
-    per_module: torch.Tensor
+    per_module: torch.Tensor | None
     modules: list[str]
     indices: torch.Tensor
     per_token: list[torch.Tensor] | None = None
@@ -177,6 +178,57 @@ def _contract(a: torch.Tensor, s: torch.Tensor, U, tm: TrackedModule, order: str
     return torch.cat(parts, 1), None
 
 
+@torch.no_grad()
+def _contract_subsets(a: torch.Tensor, s: torch.Tensor, U: "Split", tm: TrackedModule, plan: list) -> torch.Tensor:
+    """Scores ``(Q, B)`` of one module for the (query rows, batch positions) pairs of ``plan`` alone
+    (NaN elsewhere): per-candidate gradients are formed once and each group of query rows is
+    contracted with the candidates it asked for only."""
+    B = a.shape[0]
+    out = torch.full((U.W.shape[0], B), float("nan"), dtype=torch.float64, device=a.device)
+    step = max(1, _GRAD_CHUNK // (tm.out_features * tm.in_dim))
+    for i in range(0, B, step):
+        si = s[i : i + step]
+        g = torch.bmm(si.transpose(1, 2), a[i : i + step]).reshape(si.shape[0], -1)  # (b, out·in)
+        sb = si.sum(1) if U.b is not None else None
+        for rows, pos in plan:
+            p = pos[(pos >= i) & (pos < i + step)]
+            if p.numel() == 0:
+                continue
+            sc = g[p - i] @ U.W2[rows].T  # (n, R)
+            if sb is not None:
+                sc = sc + sb[p - i] @ U.b[rows].T
+            out[rows if isinstance(rows, slice) else rows.unsqueeze(-1), p] = sc.T.double()
+    return out
+
+
+def _subset_plan(groups: list, batch: Batch) -> list:
+    """Per group ``(query rows, wanted dataset indices as a bool mask)``: the batch positions it wants."""
+    idx = batch.indices.to("cpu")
+    plan = []
+    for rows, mask in groups:
+        ok = idx < mask.numel()
+        pos = torch.nonzero(ok & mask[idx.clamp(max=mask.numel() - 1)]).flatten()
+        if pos.numel():
+            plan.append((rows, pos.to(batch.input_ids.device)))
+    return plan
+
+
+def subset_groups(subsets: Sequence[Sequence[int]]) -> list:
+    """Query rows grouped by identical candidate sets: ``[(rows, bool mask over dataset indices)]``;
+    rows are a slice when the group's rows are contiguous (no copy of their query vectors)."""
+    by_set: dict[tuple, list[int]] = {}
+    for q, sub in enumerate(subsets):
+        by_set.setdefault(tuple(sorted({int(i) for i in sub})), []).append(q)
+    n = 1 + max((max(k) for k in by_set if k), default=-1)
+    out = []
+    for key, qs in by_set.items():
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[list(key)] = True
+        rows = slice(qs[0], qs[-1] + 1) if qs == list(range(qs[0], qs[-1] + 1)) else torch.tensor(qs)
+        out.append((rows, mask))
+    return out
+
+
 @dataclass
 class Split:
     """A query matrix split once into its weight part ``W (Q, out, in)`` (contiguous, also flattened
@@ -233,6 +285,7 @@ def score_batches(
     order: str = "auto",
     per_token: bool = False,
     progress=None,
+    subsets: Sequence[Sequence[int]] | None = None,
 ) -> ScoreResult:
     """Score every candidate of ``batches`` (forward + activation-only backward on ``model``) against
     the query vectors ``U`` (module → ``(Q, out, in_dim)``, :class:`Split` or :class:`LowRank`).
@@ -241,6 +294,10 @@ def score_batches(
     Each module is contracted as soon as its output gradient exists (all modules' ``s`` are never held
     at once), and for a registered causal LM the head's gradient is formed in closed form (no
     ``(B, T, V)`` logits; :func:`msif.curvature.hooks.stream_batch`).
+
+    ``subsets``: per query row, the dataset indices (``batch.indices``) it wants scored; only those
+    pairs are contracted (rows with the same set share the work) and every other score is NaN. Dense
+    :class:`Split` / tensor query vectors only, no ``per_token``.
     """
     names = [tm.name for tm in tms if tm.name in U]
     if not names:
@@ -250,13 +307,23 @@ def score_batches(
     Q = _n_queries(U[names[0]])
     dtype = contraction_dtype(model)
     U = {n: _prepare(U[n], tmap[n], dtype) for n in names}  # once, not per batch
+    if subsets is not None:
+        if per_token or any(isinstance(u, LowRank) for u in U.values()):
+            raise ValueError("subsets score dense query vectors without per-token scores")
+        if len(subsets) != Q:
+            raise ValueError(f"give one subset per query row ({Q}), not {len(subsets)}")
+        groups = subset_groups(subsets)
     totals, modules, idx, toks = [], [], [], []
     for batch in batches:
         T = batch.input_ids.shape[1]
         got: dict[str, tuple] = {}
+        plan = _subset_plan(groups, batch) if subsets is not None else None
 
         def contract(n, a, s):
-            got[n] = _contract(a.to(dtype), s.to(dtype), U[n], tmap[n], _order(order, Q, T), per_token)
+            if plan is not None:
+                got[n] = (_contract_subsets(a.to(dtype), s.to(dtype), U[n], tmap[n], plan), None)
+            else:
+                got[n] = _contract(a.to(dtype), s.to(dtype), U[n], tmap[n], _order(order, Q, T), per_token)
 
         inputs: dict[str, torch.Tensor] = {}  # a module's input, held until its output gradient exists
         stream_batch(model, sub, batch, objective, "empirical", 0, 0,
@@ -264,8 +331,10 @@ def score_batches(
         inputs.clear()
         zero = torch.zeros(Q, batch.size, dtype=torch.float64, device=batch.input_ids.device)
         pm = torch.stack([got[n][0].double() if n in got else zero for n in names], -1)  # (Q, B, M)
-        modules.append(pm)
         totals.append(pm.sum(-1))
+        if subsets is None:  # with subsets (many rows, sparse pairs) only the totals are kept
+            modules.append(pm)
+        del pm
         idx.append(batch.indices)
         if per_token:
             tok_sum = sum(got[n][1].double() for n in names if n in got)
@@ -277,7 +346,7 @@ def score_batches(
         raise ValueError("no candidates to score")
     return ScoreResult(
         scores=torch.cat(totals, 1),
-        per_module=torch.cat(modules, 1),
+        per_module=torch.cat(modules, 1) if modules else None,
         modules=names,
         indices=torch.cat(idx),
         per_token=toks if per_token else None,
