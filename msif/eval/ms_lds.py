@@ -73,6 +73,7 @@ def _log(msg: str, progress: bool) -> None:
 def score_matrices(world, facts: list, cfg: MSLDSConfig, cache: Path, progress: bool) -> tuple[dict, dict]:
     """Per method the ``(queries, documents)`` score matrix on the world's own models, and its seconds."""
     from ..retrieval import BM25Index
+    from ..retrieval.candidates import query_text, score_matrix
     from .tail_patch import world_attributor
 
     docs = world.documents
@@ -86,25 +87,18 @@ def score_matrices(world, facts: list, cfg: MSLDSConfig, cache: Path, progress: 
         gold[i, [row_of[s] for s in f.sources]] = 1.0
     out["sources"], secs["sources"] = gold, 0.0  # the reference: 1 for the documents that state the fact
     lams = list(dict.fromkeys((cfg.damping, *cfg.dampings)))  # the headline damping first, then the sweep
-    at = {cfg.damping: (att, prepared)}  # one attributor per damping, shared by MS-IF and SS-IF
     for method in cfg.methods:
         t0 = time.perf_counter()
         if method in DAMPED:
-            for lam in lams:
-                if lam not in at:
-                    at[lam] = world_attributor(world, facts, replace(cfg, damping=lam), 0, cache, False)
-                a, p = at[lam]
+            for lam in lams:  # one attributor: the damping is an argument of each call
                 key = method if lam == cfg.damping else f"{method} λ={lam}"
-                out[key], secs[key] = _attributed(a, p, texts, method), time.perf_counter() - t0
+                out[key], secs[key] = _attributed(att, prepared, texts, method, lam), time.perf_counter() - t0
                 t0 = time.perf_counter()
             _log(f"{method}: {len(facts)} × {N} scores at λ = {', '.join(lams)}", progress)
             continue
         if method == "bm25":
-            hits = BM25Index.build(texts, doc_ids=[d["id"] for d in docs]).search([f.question + f.answer for f in facts], k=N)
-            M = np.zeros((len(facts), N))
-            for i in range(len(facts)):
-                ok = hits.rows[i] >= 0
-                M[i, hits.rows[i][ok]] = hits.scores[i][ok]
+            hits = BM25Index.build(texts, doc_ids=[d["id"] for d in docs]).search([query_text(f.question, f.answer) for f in facts], k=N)
+            M = score_matrix(hits, N)
         elif method == "trak":
             M = _trak(att, prepared, texts, cfg)
         else:
@@ -114,9 +108,10 @@ def score_matrices(world, facts: list, cfg: MSLDSConfig, cache: Path, progress: 
     return out, secs
 
 
-def _attributed(att, prepared, texts, method: str) -> np.ndarray:
-    """Every document's score for every query, ``(queries, documents)``."""
-    res = att.attribute(prepared, texts, method=method, top=len(texts), per_token=False)
+def _attributed(att, prepared, texts, method: str, damping=None) -> np.ndarray:
+    """Every document's score for every query, ``(queries, documents)`` (``damping``: both stages'; default
+    the attributor's)."""
+    res = att.attribute(prepared, texts, method=method, top=len(texts), per_token=False, damping_ft=damping, damping_pt=damping)
     M = np.zeros((len(prepared), len(texts)))
     for i, (rows, sc) in enumerate(zip(res.rows, res.scores)):
         M[i, rows] = sc

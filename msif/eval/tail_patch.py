@@ -99,12 +99,13 @@ def _queries(world, cfg: TailPatchConfig, trial: int) -> list:
 def rankings(world, facts: list, cfg: TailPatchConfig, trial: int, cache: Path, progress: bool) -> dict[str, list[np.ndarray]]:
     """Per method, each query's top ``max(ks)`` corpus rows (best first)."""
     from ..retrieval import BM25Index
+    from ..retrieval.candidates import query_text
 
     docs = world.documents
     texts = [d["text"] for d in docs]
     row_of = {d["id"]: i for i, d in enumerate(docs)}
     k = max(cfg.ks)
-    search = [f.question + f.answer for f in facts]
+    search = [query_text(f.question, f.answer) for f in facts]
     rng = np.random.default_rng([cfg.seed, trial, 41])
     out: dict[str, list[np.ndarray]] = {}
     if "gold" in cfg.methods:
@@ -148,16 +149,9 @@ def world_attributor(world, facts: list, cfg, seed: int, cache: Path, progress: 
 
 
 def _embedding_index(world, cache: Path):
-    from ..retrieval import build_index, load_index
-    from ..retrieval.index import StoredIndexError
+    from ..retrieval.candidates import cached_index
 
-    folder = cache / "index"
-    if (folder / "meta.json").is_file():
-        try:
-            return load_index(folder, corpus=world.corpus_path)
-        except StoredIndexError:
-            pass
-    return build_index(world.corpus_path, folder, index_type="flat", progress=False, overwrite=True)
+    return cached_index(world.corpus_path, cache / "index")
 
 
 # ------------------------------------------------------------------------------------ patch + refine-tune
