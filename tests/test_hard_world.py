@@ -116,7 +116,7 @@ def test_standard_world_unchanged(size):
     assert wb.world_hash(size, 0) == STANDARD_HASHES[size]
     assert wb.world_hash(size, 0, world="standard") == STANDARD_HASHES[size]
     assert wb.world_config(size, "standard") is wb.SIZES[size]
-    assert "style" not in wb._config_dict(wb.SIZES[size])["corpus"]
+    assert "style" not in wb.config_record(wb.SIZES[size])["corpus"]
     c = build_corpus(0, wb.SIZES[size].corpus)
     blob = json.dumps({"docs": c.documents, "facts": [f.to_dict() for f in c.facts], "stats": c.stats()},
                       sort_keys=True)
@@ -128,7 +128,7 @@ def test_standard_world_unchanged(size):
 def test_hard_world_has_its_own_hash_and_config():
     for size in ("tiny", "full"):
         cfg = wb.world_config(size, "hard")
-        assert cfg.corpus.style == "hard" and wb._config_dict(cfg)["corpus"]["style"] == "hard"
+        assert cfg.corpus.style == "hard" and wb.config_record(cfg)["corpus"]["style"] == "hard"
         assert wb.world_hash(size, 0, world="hard") not in STANDARD_HASHES.values()
         assert wb.world_hash(size, 0, world="hard") == wb.world_hash(size, 0, config=cfg)
         assert wb.world_dir(size, 0, "/x", world="hard") != wb.world_dir(size, 0, "/x")

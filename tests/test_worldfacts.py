@@ -13,7 +13,8 @@ import torch
 
 from msif.data.encoding import encode_prompt_answer
 from msif.worldfacts import build as wb
-from msif.worldfacts.corpus import RELATIONS, Fact, build_corpus, read_jsonl, renderings, write_corpus
+from msif.worldfacts.corpus import RELATIONS, Fact, build_corpus, renderings, write_corpus
+from msif.worldfacts.jsonl import read_jsonl
 
 TINY = wb.SIZES["tiny"]
 
@@ -276,7 +277,7 @@ def test_classifier_head_init_matches_lm(tiny_root):
     labels = w.continent_labels
     clf = GPTNeoXForSequenceClassification.from_pretrained(w.pretrained_dir, num_labels=len(labels),
                                                            pad_token_id=tok.pad_token_id).eval()
-    wb._init_head_from_label_words(clf, lm, tok, labels)
+    wb.init_head_from_label_words(clf, lm, tok, labels)
     rows = [tok(" " + c, add_special_tokens=False)["input_ids"][0] for c in labels]
     assert len(set(rows)) == len(rows)
     texts = [f.question for f in w.facts if f.relation == "continent"][:5]
@@ -289,3 +290,13 @@ def test_classifier_head_init_matches_lm(tiny_root):
     preds = wb.classifier_predictions(clf, tok, texts)
     single = [int(clf(input_ids=tok(t, return_tensors="pt")["input_ids"]).logits.argmax()) for t in texts]
     assert preds == single
+
+
+def test_world_corpus_name(corpus):
+    """The world's corpus is a WorldCorpus, not to be confused with the file reader msif.data.corpus.Corpus."""
+    import msif.worldfacts as wf
+    from msif.data.corpus import Corpus
+    from msif.worldfacts.corpus import WorldCorpus
+
+    assert isinstance(corpus, WorldCorpus) and wf.WorldCorpus is WorldCorpus and WorldCorpus is not Corpus
+    assert not hasattr(wf, "Corpus")

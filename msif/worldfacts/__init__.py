@@ -8,7 +8,7 @@ seconds-long variant for tests. ``load_world(world="hard")`` builds the hard var
 """
 
 from msif.worldfacts.build import SIZES, WORLDS, World, WorldConfig, load_world, qa_prompt, world_config, world_dir
-from msif.worldfacts.corpus import RELATIONS, Corpus, CorpusConfig, Fact, build_corpus, renderings
+from msif.worldfacts.corpus import RELATIONS, CorpusConfig, Fact, WorldCorpus, build_corpus, renderings
 
 __all__ = ["SIZES", "WORLDS", "World", "WorldConfig", "load_world", "qa_prompt", "world_config", "world_dir",
-           "RELATIONS", "Corpus", "CorpusConfig", "Fact", "build_corpus", "renderings"]
+           "RELATIONS", "WorldCorpus", "CorpusConfig", "Fact", "build_corpus", "renderings"]
