@@ -107,8 +107,8 @@ def _attribute(w, *, pretrained, finetuned, corpus, pretrained_factors, finetune
     """The body of `msif attribute` once its options are checked and its --out file is locked."""
     from ..data.corpus import Corpus
     from ..data.encoding import InputError
-    from ..influence.attribute import Attributor
-    from ..report.console import print_results
+    from ..influence.stream import default_max_memory, parse_bytes
+    from ..retrieval.candidates import query_text, select_candidates
 
     qs = _read_queries(prompt, answer, label, queries)
     corp = Corpus(str(corpus), text_field=text_field, id_field=id_field)
@@ -116,40 +116,17 @@ def _attribute(w, *, pretrained, finetuned, corpus, pretrained_factors, finetune
         raise InputError(f"--method {method.value} needs --finetuned-factors (fit them with `msif fit FINETUNED DATA --objective answer`)")
     if method == Method.ms_if and pretrained_factors is None:
         raise InputError("--method ms-if needs --pretrained-factors (fit them with `msif fit PRETRAINED CORPUS --objective lm`)")
-    from ..models.loading import load_tokenizer
-
-    from ..influence.stream import default_max_memory, parse_bytes
-    from ..models.loading import load_model
-
     if chunk_size < 1:
         raise InputError(f"--chunk-size must be ≥ 1, not {chunk_size}")
     budget = parse_bytes(max_memory) if max_memory is not None else default_max_memory(device)
-    score_dtype = None
-    if dtype is not None:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise InputError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
-        import torch
-
-        score_dtype = getattr(torch, dtype)
-    ft_tok = None
-    if (Path(finetuned) / "tokenizer_config.json").exists():
-        ft_tok = load_tokenizer(finetuned)
-    # loaded in the checkpoints' dtype (the factors' fingerprints are of those weights); --dtype casts the
-    # candidate model once the query vectors exist. One model when both paths are the same checkpoint.
-    pt_model = load_model(pretrained, task="causal_lm", device=device)
-    same = Path(pretrained).exists() and Path(finetuned).exists() and Path(pretrained).resolve() == Path(finetuned).resolve()
-    ft_model = pt_model if same or pretrained == finetuned else load_model(finetuned, task="auto", device=device)
-    att = Attributor(
-        pt_model, ft_model, tokenizer or pretrained,
-        pt_factors=str(pretrained_factors) if pretrained_factors and method == Method.ms_if else None,
-        ft_factors=str(finetuned_factors) if finetuned_factors and method in (Method.ms_if, Method.ss_if) else None,
-        ft_tokenizer=ft_tok, damping_pt=damping_pt, damping_ft=damping_ft, template=template, batch_size=batch_size,
-        max_length=max_length, truncate=truncate, device=device, refine_query=refine_query,
-        pretrained_data=pretrained_data, finetuned_data=finetuned_data, gvp_examples=gvp_examples,
-    )
+    score_dtype = _score_dtype(dtype)
+    att = _attributor(pretrained, finetuned, tokenizer, device, method,
+                      pt_factors=str(pretrained_factors) if pretrained_factors and method == Method.ms_if else None,
+                      ft_factors=str(finetuned_factors) if finetuned_factors and method in (Method.ms_if, Method.ss_if) else None,
+                      damping_pt=damping_pt, damping_ft=damping_ft, template=template, batch_size=batch_size,
+                      max_length=max_length, truncate=truncate, refine_query=refine_query, pretrained_data=pretrained_data,
+                      finetuned_data=finetuned_data, gvp_examples=gvp_examples)
     prepared = att.prepare(qs)
-    from ..retrieval.candidates import query_text, select_candidates
-
     if method.value in ("bm25", "tfidf"):  # the retrieval scores alone
         kind, index = method.value, None
     elif index_dir is not None:  # the embedding index, whatever --retriever says
@@ -157,24 +134,63 @@ def _attribute(w, *, pretrained, finetuned, corpus, pretrained_factors, finetune
     else:
         kind, index = ("embedding" if method.value == "embedding" else retriever), None
     found = select_candidates(corp, [query_text(p.query.prompt, p.answer) for p in prepared], candidates, index, kind)
-    cand_rows, retr_scores = found.rows, found.scores
     if method.value in ("bm25", "tfidf", "embedding"):
-        results = []
-        for qi, p in enumerate(prepared):
-            rows, sc = cand_rows[qi][:top], retr_scores[qi][:top]
-            results.append(dict(prompt=p.query.prompt, answer=p.answer, label=p.label, generated=p.generated, method=method.value,
-                                query_id=p.query.id, results=[dict(rank=i + 1, doc_id=d, row=r, score=float(s), text=t) for i, (d, r, s, t) in
-                                                             enumerate(zip(corp.doc_ids(rows), rows, sc, corp.texts(rows)))]))
+        results = _retrieval_results(prepared, corp, found, method.value, top)
     else:
-        res = att.attribute(prepared, corp, candidates=cand_rows, method=method.value, top=top, rank=rank, chunk_size=chunk_size,
+        res = att.attribute(prepared, corp, candidates=found.rows, method=method.value, top=top, rank=rank, chunk_size=chunk_size,
                             scores_out=scores_out, max_memory=budget, dtype=score_dtype, release=True, progress=progress,
                             log=lambda m: console.print(m, markup=False, highlight=False))
         if res is None:  # not rank 0: its share is merged there
             return
         results = res.to_json()
         _report_refinement(att.refine_summary())
-    if not w.main:
-        return
+    if w.main:
+        _emit(results, as_json, out)
+
+
+def _score_dtype(dtype: str | None):
+    """``--dtype`` of the candidate pass as a torch dtype (None: the checkpoint's own)."""
+    from ..data.encoding import InputError
+
+    if dtype is None:
+        return None
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise InputError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def _attributor(pretrained: str, finetuned: str, tokenizer, device: str, method, **settings):
+    """Both models, loaded in the checkpoints' dtype (the factors' fingerprints are of those weights;
+    --dtype casts the candidate model once the query vectors exist; one model when both paths are the
+    same checkpoint), and the :class:`~msif.influence.attribute.Attributor` over them."""
+    from ..influence.attribute import Attributor
+    from ..models.loading import load_model, load_tokenizer
+
+    ft_tok = load_tokenizer(finetuned) if (Path(finetuned) / "tokenizer_config.json").exists() else None
+    pt_model = load_model(pretrained, task="causal_lm", device=device)
+    same = Path(pretrained).exists() and Path(finetuned).exists() and Path(pretrained).resolve() == Path(finetuned).resolve()
+    ft_model = pt_model if same or pretrained == finetuned else load_model(finetuned, task="auto", device=device)
+    return Attributor(pt_model, ft_model, tokenizer or pretrained, ft_tokenizer=ft_tok, device=device, **settings)
+
+
+def _retrieval_results(prepared, corp, found, method: str, top: int) -> list[dict]:
+    """The JSON of `--method bm25 / tfidf / embedding`: the retriever's own top documents and scores."""
+    results = []
+    for qi, p in enumerate(prepared):
+        rows, sc = found.rows[qi][:top], found.scores[qi][:top]
+        hits = [dict(rank=i + 1, doc_id=d, row=r, score=float(x), text=t)
+                for i, (d, r, x, t) in enumerate(zip(corp.doc_ids(rows), rows, sc, corp.texts(rows)))]
+        results.append(dict(prompt=p.query.prompt, answer=p.answer, label=p.label, generated=p.generated, method=method,
+                            query_id=p.query.id, results=hits))
+    return results
+
+
+def _emit(results: list[dict], as_json: bool, out: Path | None) -> None:
+    """The results as JSON on stdout (--json) and / or atomically in --out, else as a table."""
+    from ..report.console import print_results
+
     if as_json or out is not None:
         try:
             text = json.dumps(results, indent=1, allow_nan=False)

@@ -25,6 +25,11 @@ def _fmt_damping(lam) -> str:
 
 def markdown(res: dict) -> str:
     """The results as markdown tables (one per task and candidate setting) with the notes that read them."""
+    return "\n".join(_header_lines(res) + _setting_lines(res) + _closing_lines(res)) + "\n"
+
+
+def _header_lines(res: dict) -> list[str]:
+    """The world, the trials, the dampings and how to read the metrics."""
     cfg = res["config"]
     k = cfg["k"]
     lines = [f"# Fact tracing (paper §5.3) on the {res['world']['size']} {res['world'].get('kind', 'standard')} world", ""]
@@ -58,6 +63,14 @@ def markdown(res: dict) -> str:
         lines.append(f"| {_fmt_damping(lam)} | " + " | ".join(
             f"{eq[n][i]['absolute']:.3g} / {eq[n][i]['relative']:.3g}" for n in eq) + " |")
     lines.append("")
+    return lines
+
+
+def _setting_lines(res: dict) -> list[str]:
+    """One table per (task, candidate setting): every method and damping, and the chance row."""
+    cfg = res["config"]
+    k = cfg["k"]
+    lines = []
     for task in dict.fromkeys(r["task"] for r in res["results"]):
         cr = res["candidate_recall"].get(task)
         for setting in SETTINGS:
@@ -87,7 +100,12 @@ def markdown(res: dict) -> str:
                 lines.append("| chance (expected) | – | " + " | ".join(
                     fmt_mean_std(c[m]["mean"], c[m]["std"]) for m in ("mrr", f"recall_any@{k}", f"recall_frac@{k}")) + " |")
             lines.append("")
-    lines.append("## Best damping per method (by mean MRR)")
+    return lines
+
+
+def _closing_lines(res: dict) -> list[str]:
+    """The best damping of each damped method, the verdict, the timings and the refinement's cost."""
+    lines = ["## Best damping per method (by mean MRR)"]
     lines.append("")
     lines.append("| task | setting | method | best λ | MRR |")
     lines.append("|---|---|---|---|---|")
@@ -105,7 +123,7 @@ def markdown(res: dict) -> str:
                 f"{st} {s['products_per_query']:.0f} GGN-vector products and {s['seconds_per_query']:.2f} s per query vector "
                 f"({s['train_steps_per_query']:.1f} training steps over {s['gvp_examples']} examples), largest relative "
                 f"residual {s['max_relative_residual']:.2e}" for st, s in summ["stages"].items()) + ".")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(res: dict, path: str | Path) -> Path:
