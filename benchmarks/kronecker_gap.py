@@ -22,6 +22,7 @@ import torch
 
 from msif.curvature import exact
 from msif.eval import scalability as sc
+from msif.eval import tinylm
 from msif.models.adapters import tracked_modules
 
 
@@ -36,10 +37,10 @@ def main():
     for h in args.hidden:
         t0 = time.perf_counter()
         cfg = sc.ScalabilityConfig(hidden=h, intermediate=4 * h, epochs=args.epochs, countries=args.countries)
-        data = sc.make_data(cfg.countries, cfg.min_count, cfg.heldout_fraction, cfg.seed)
+        data = tinylm.make_data(cfg.countries, cfg.min_count, cfg.heldout_fraction, cfg.seed)
         q, c, g = sc.study_sets(data, cfg)
-        model = sc.build_model(len(data.vocab), h, cfg.layers, cfg.heads, cfg.intermediate, cfg.seed)
-        curve = sc.train_lm(model, data.train, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, data.heldout)
+        model = tinylm.build_model(len(data.vocab), h, cfg.layers, cfg.heads, cfg.intermediate, cfg.seed)
+        curve = tinylm.train_lm(model, data.train, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, data.heldout)
         row = sc.analyse_checkpoint(model.double().eval(), [data.heldout[i] for i in q], [data.train[i] for i in c],
                                     [data.train[i] for i in g], cfg)
         D = exact.param_layout(tracked_modules(model)).D

@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 
 from msif.eval import scalability as sc
+from msif.eval import scalability_report as report
 
 
 def main():
@@ -52,8 +53,8 @@ def main():
         from msif.eval import lds
 
         res["lds"] = lds.run(lds.LDSConfig(), progress=lambda m: print(f"[{time.perf_counter() - t0:7.1f}s] {m}", flush=True))
-    paths = sc.write_outputs(res, a.out)
-    print(sc.markdown_table(res))
+    paths = report.write_outputs(res, a.out)
+    print(report.markdown_table(res))
     if a.lds:
         print()
         print(open(paths["lds_table"]).read())

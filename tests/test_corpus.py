@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from msif.data.corpus import Corpus, _scan_line_offsets, detect_format, fingerprints_match, iter_records
+from msif.data.corpus import Corpus, detect_format, fingerprints_match, iter_records
+from msif.data.jsonl import scan_line_offsets
 from msif.data.encoding import InputError
 
 ROWS = [{"id": f"doc-{i}", "text": f"sentence number {i} " + "x" * (i % 7), "n": i} for i in range(53)]
@@ -139,20 +140,31 @@ def test_jsonl_offset_scan_matches_python(tmp_path):
     p = tmp_path / "t.jsonl"
     text = '{"text": "a"}\n\n  \t\n{"text": "b"}\r\n{"text": "ç ü"}\n\n{"text": "last"}'
     p.write_bytes(text.encode())
-    starts, ends = _scan_line_offsets(p)
+    starts, ends = scan_line_offsets(p)
     raw = p.read_bytes()
     lines = [raw[s:e] for s, e in zip(starts, ends)]
     assert [json.loads(x)["text"] for x in lines] == ["a", "b", "ç ü", "last"]
 
 
 def test_jsonl_offset_scan_across_chunks(tmp_path, monkeypatch):
-    import msif.data.corpus as mod
+    import msif.data.jsonl as mod
 
     monkeypatch.setattr(mod, "_SCAN_CHUNK", 7)  # lines and blank runs straddle chunk borders
     p = write_jsonl(tmp_path / "t.jsonl", ROWS[:12], blank_every=3)
     c = Corpus(p, cache_dir=False)
     assert len(c) == 12
     assert [c.text(i) for i in range(12)] == [r["text"] for r in ROWS[:12]]
+
+
+def test_jsonl_offset_scan_same_for_any_chunk_size(tmp_path, monkeypatch):
+    import msif.data.jsonl as mod
+
+    p = write_jsonl(tmp_path / "t.jsonl", ROWS[:12], blank_every=3)
+    whole = scan_line_offsets(p)
+    for chunk in (1, 7, 64):
+        monkeypatch.setattr(mod, "_SCAN_CHUNK", chunk)
+        starts, ends = scan_line_offsets(p)
+        assert starts.tolist() == whole[0].tolist() and ends.tolist() == whole[1].tolist()
 
 
 def test_jsonl_offset_cache_written_and_invalidated(tmp_path):

@@ -458,13 +458,14 @@ def _empirical_blocks(model, fs, examples):
 def test_one_refinement_pass_is_one_dense_als_step(form, monkeypatch):
     """Both forms of the products (through DW, or through token products, chosen by flop count) give one
     dense ALS step, with padded batches."""
-    import msif.curvature.fit as fit_mod
+    import msif.curvature.passes as passes_mod
 
-    monkeypatch.setattr(fit_mod, "_REFINE_FORM", form)
+    monkeypatch.setattr(passes_mod, "_REFINE_FORM", form)
     model = tiny_neox(seed=4)
     exs = random_lm_examples(10, seed=3)
     base = fit_factors(model, batches(exs, 5), FitConfig(labels="empirical"), fingerprint="t")
     ref = fit_factors(model, batches(exs, 5), FitConfig(labels="empirical", refine=1), fingerprint="t")
+    assert all(passes_mod._token_space_cheaper(tm, 3) == (form == "tokens") for tm in base.modules.values())
     G = _empirical_blocks(model, base, exs)
     for tm in base.modules.values():
         A0 = base.A_sum[tm.name] / base.n_tokens

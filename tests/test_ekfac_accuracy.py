@@ -13,7 +13,7 @@ import torch
 
 from msif.curvature import exact
 from msif.data.encoding import collate
-from msif.eval.ekfac_accuracy import StudyConfig, build_model, exact_ggn_blocks, make_chain, run_study, sample_sequences
+from msif.eval.ekfac_accuracy import StudyConfig, build_model, make_chain, run_study, sample_sequences
 from msif.models.adapters import tracked_modules
 
 CONFIG = StudyConfig(
@@ -81,10 +81,16 @@ def test_exact_ggn_blocks_match_exact_module():
     tms = tracked_modules(model, per_head=True)
     layout = exact.param_layout(tms)
     ref = exact.exact_ggn(model, tms, [collate(ex[:3]), collate(ex[3:])], "lm")
-    G, diag = exact_ggn_blocks(model, tms, ex, None)
+    seqs = [collate([e]) for e in ex]  # one sequence at a time, as the study accumulates it
+    full = exact.ggn_parts(model, tms, seqs, "lm", diagonal=True, rows_per_gemm=7)
+    G, diag = full.full, full.diagonal
     torch.testing.assert_close(G, ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(diag, torch.diagonal(ref), rtol=1e-10, atol=1e-12)
+    # independently of the rows: the matrix-free jvp → softmax Hessian → vjp product
+    V = torch.randn(layout.D, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    GV = exact.ggn_vector_product(model, tms, [collate(ex[:3]), collate(ex[3:])], "lm")(V)
+    torch.testing.assert_close(G @ V, GV, rtol=1e-9, atol=1e-12 * float(GV.abs().max()))
     ranges = list(layout.blocks.values())
-    blocks, _ = exact_ggn_blocks(model, tms, ex, ranges)
+    blocks = exact.ggn_parts(model, tms, seqs, "lm", ranges).blocks
     for (s, e), Gb in zip(ranges, blocks):
         torch.testing.assert_close(Gb, ref[s:e, s:e], rtol=1e-10, atol=1e-12)

@@ -8,7 +8,10 @@ from helpers import batches, random_lm_examples, tiny_neox, train_steps
 
 from msif.baselines.iterative import conjugate_gradient
 from msif.curvature import exact
+from msif.curvature.hidden_ggn import hidden_ggn, hidden_ggn_matvec
 from msif.eval import scalability as sc
+from msif.eval import scalability_report, tinylm
+from msif.eval.kronecker import exact_lambdas, nearest_kronecker_basis, offdiagonal_mass
 from msif.models.adapters import tracked_modules
 
 
@@ -22,7 +25,7 @@ def _trained_tiny():
 def test_dense_ggn_matches_exact_ggn():
     model, ex = _trained_tiny()
     tms = tracked_modules(model)
-    G = sc.dense_ggn(model, tms, ex[:5], rows_per_gemm=7)
+    G = hidden_ggn(model, tms, ex[:5], rows_per_gemm=7).full
     ref = exact.exact_ggn(model, tms, batches(ex[:5], 5), "lm")
     assert torch.allclose(G, ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
 
@@ -31,11 +34,11 @@ def test_ggn_blocks_and_batched_matvec_match_the_dense_ggn():
     model, ex = _trained_tiny()
     tms = tracked_modules(model)
     layout = exact.param_layout(tms)
-    G = sc.dense_ggn(model, tms, ex[:7])
+    G = hidden_ggn(model, tms, ex[:7]).full
     ranges = list(layout.blocks.values())
-    for Gb, (s, e) in zip(sc.ggn_blocks(model, tms, ex[:7], ranges, rows_per_gemm=5), ranges):
+    for Gb, (s, e) in zip(hidden_ggn(model, tms, ex[:7], ranges, rows_per_gemm=5).blocks, ranges):
         assert torch.allclose(Gb, G[s:e, s:e], rtol=1e-9, atol=1e-12 * float(G.abs().max()))
-    mv = sc.ggn_matvec(model, tms, ex[:7], batch_size=3)  # padded batches of different lengths
+    mv = hidden_ggn_matvec(model, tms, ex[:7], batch_size=3)  # padded batches of different lengths
     V = torch.randn(G.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(mv(V), G @ V, rtol=1e-9, atol=1e-12 * float((G @ V).abs().max()))
     assert torch.allclose(mv(V[:, 0]), G @ V[:, 0], rtol=1e-9, atol=1e-12 * float((G @ V).abs().max()))
@@ -49,14 +52,14 @@ def test_nearest_kronecker_bases_diagonalise_an_exact_kronecker_block():
     Ax = torch.randn(4, 4, dtype=torch.float64, generator=g)
     Sx, Ax = Sx @ Sx.T, Ax @ Ax.T
     Gb = torch.kron(Sx, Ax)
-    QS, QA, lam = sc.nearest_kronecker_basis(Gb, 3, 4)
+    QS, QA, lam = nearest_kronecker_basis(Gb, 3, 4)
     K = torch.kron(QS, QA)
     rot = K.T @ Gb @ K
     assert float((rot - torch.diag(torch.diagonal(rot))).abs().max()) < 1e-9 * float(rot.abs().max())
     v = torch.randn(12, dtype=torch.float64, generator=g)
     got = (QS @ ((QS.T @ v.reshape(3, 4) @ QA) / (lam + 0.1)) @ QA.T).reshape(-1)
     assert torch.allclose(got, torch.linalg.solve(Gb + 0.1 * torch.eye(12, dtype=torch.float64), v), rtol=1e-8)
-    assert sc.offdiagonal_mass(Gb, QS, QA) < 1e-12
+    assert offdiagonal_mass(Gb, QS, QA) < 1e-12
 
 
 def test_cg_ground_truth_matches_dense_solve_in_value_and_sign():
@@ -68,8 +71,8 @@ def test_cg_ground_truth_matches_dense_solve_in_value_and_sign():
     G = exact.exact_ggn(model, tms, data, "lm")
     lam = 0.1 * exact.mean_eigenvalue(G)
     q = random_lm_examples(2, seed=9, min_len=4, max_len=6)
-    QG = exact.per_example_grads(model, tms, batches(q, 2)[0], "lm")  # (2, D)
-    CGr = exact.per_example_grads(model, tms, batches(ex[:8], 8)[0], "lm")  # candidates: the data
+    QG = exact.flat_example_grads(model, tms, batches(q, 2)[0], "lm")  # (2, D)
+    CGr = exact.flat_example_grads(model, tms, batches(ex[:8], 8)[0], "lm")  # candidates: the data
     mv = exact.ggn_vector_product(model, tms, data, "lm")
     res = conjugate_gradient(mv, QG.T.contiguous(), lam, tol=1e-9)
     assert res.converged and float(res.true_residual.max()) <= 1e-9
@@ -101,8 +104,8 @@ def test_cg_ground_truth_matches_dense_solve_in_value_and_sign():
 
 
 def test_word_vocab_and_data():
-    v = sc.WordVocab(["The capital of France is Paris.", "the capital of Spain is Madrid."], min_count=2)
-    assert v.itos[:4] == list(sc.SPECIALS)
+    v = tinylm.WordVocab(["The capital of France is Paris.", "the capital of Spain is Madrid."], min_count=2)
+    assert v.itos[:4] == list(tinylm.SPECIALS)
     e = v.encode("The capital of Italy is Rome.")
     assert e.input_ids[0] == 1 and e.input_ids[-1] == 2 and e.input_ids.count(3) == 2  # italy, rome unknown
     assert e.target_mask == [True] * (len(e.input_ids) - 1) + [False]
@@ -150,7 +153,7 @@ def test_quick_study(quick, tmp_path):
     assert all(c["converged"] for c in early["cg"].values())
     for v in early["spearman"].values():
         assert v["ekfac"] > v["gdp"] + 0.1 and all(-1 <= x <= 1 for x in v.values())
-    paths = sc.write_outputs(r, tmp_path)
+    paths = scalability_report.write_outputs(r, tmp_path)
     table = open(paths["table"]).read()
     assert "0.612" in table and "EK-FAC" in table and "ceiling" in table
     assert "refined basis" in table and "earlier checkpoints" in table and "`--refine-query 10`" in table
@@ -172,27 +175,31 @@ def test_cli_bench_scalability(quick, tmp_path, monkeypatch):
     assert out.exit_code == 0 and "EK-FAC" in out.output
 
 
-def test_exact_rotated_lambdas_and_precondition_with():
-    """The exact Λ keeps each block's trace (orthogonal rotation); with the fitted Λ, precondition_with is
-    the library's EK-FAC preconditioner."""
+def test_exact_lambdas_and_with_lambdas():
+    """The exact Λ keeps each block's trace (orthogonal rotation); with the fitted Λ, ``with_lambdas`` gives
+    back the library's EK-FAC preconditioner."""
     model, ex = _trained_tiny()
     tms = tracked_modules(model)
     layout = exact.param_layout(tms)
     G = exact.exact_ggn(model, tms, batches(ex[:6], 3), "lm")
-    fs = sc.fit(model, tms, ex[:6], "ekfac", "all", 2, 0)
-    lam = sc.exact_rotated_lambdas(fs, G, layout)
+    fs = sc.fit(model, ex[:6], "ekfac", "all", 2, 0)
+    lam = exact_lambdas(fs, [G[s:e, s:e] for s, e in layout.blocks.values()], layout)
     for b, (s, e) in layout.blocks.items():
         assert float(lam[b].sum()) == pytest.approx(float(torch.diagonal(G[s:e, s:e]).sum()), rel=1e-9)
         assert bool((lam[b] >= -1e-12).all())
-    grads = sc.to_modules(exact.per_example_grads(model, tms, batches(ex[6:8], 2)[0], "lm"), tms)
+    grads = exact.to_modules(exact.flat_example_grads(model, tms, batches(ex[6:8], 2)[0], "lm"), tms)
     ref = fs.precondition(grads, 0.05)
-    got = sc.precondition_with(fs, {b: fs.lambdas(b) for b in fs.blocks}, grads, 0.05)
+    got = fs.with_lambdas({b: fs.lambdas(b) for b in fs.blocks}).precondition(grads, 0.05)
     for n in ref:
         assert torch.allclose(got[n], ref[n], rtol=1e-10, atol=1e-14)
+    before = {b: fs.lambdas(b) for b in fs.blocks}
+    exact_fs = fs.with_lambdas(lam)
+    for b in fs.blocks:  # the copy holds the exact Λ, the original is untouched
+        assert torch.allclose(exact_fs.lambdas(b), lam[b], rtol=1e-12, atol=0) and torch.equal(fs.lambdas(b), before[b])
     # and with the exact Λ it inverts the exact block in the fitted eigenbasis exactly when that basis is exact:
     # check instead that the preconditioner is symmetric positive definite on the block
-    v = sc.from_modules(sc.precondition_with(fs, lam, grads, 0.05), tms)
-    g = sc.from_modules(grads, tms)
+    v = exact.from_modules(exact_fs.precondition(grads, 0.05), tms)
+    g = exact.from_modules(grads, tms)
     assert float((v * g).sum()) > 0
 
 

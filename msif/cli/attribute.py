@@ -218,7 +218,7 @@ def _check_out_file(out: Path | None, overwrite: bool) -> None:
 
 def _check_attribute_options(damping_pt, damping_ft, batch_size, top, candidates, max_length, prompt, answer) -> None:
     """The options of `msif attribute` that can be judged before anything is loaded: one line each."""
-    from ..curvature.factors import Damping
+    from ..curvature.damping import Damping
 
     for flag, d in (("--damping-pt", damping_pt), ("--damping-ft", damping_ft)):
         try:

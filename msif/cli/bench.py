@@ -78,7 +78,7 @@ def bench_fact_tracing(
 
 def _check_bench_options(world: str, damping: str) -> None:
     """The options every counterfactual benchmark shares: the world variant and the damping."""
-    from ..curvature.factors import Damping
+    from ..curvature.damping import Damping
     from ..worldfacts.build import WORLDS
 
     if world not in WORLDS:
@@ -199,6 +199,7 @@ def bench_scalability(
     import torch
 
     from ..eval import scalability as sc
+    from ..eval import scalability_report as report
 
     torch.set_num_threads(max(1, threads))
     log = (lambda m: console.print(f"[dim]{m}[/]")) if progress else None
@@ -207,11 +208,11 @@ def bench_scalability(
         from ..eval import lds as lds_mod
 
         res["lds"] = lds_mod.run(lds_mod.LDSConfig(), progress=log)
-    paths = sc.write_outputs(res, out)
+    paths = report.write_outputs(res, out)
     if json_out:
         sys.stdout.write(json.dumps(res, indent=1, default=float) + "\n")
     else:
-        text = sc.markdown_table(res)
+        text = report.markdown_table(res)
         if lds:
             text += "\n\n" + Path(paths["lds_table"]).read_text()
         console.print(text, markup=False, highlight=False)

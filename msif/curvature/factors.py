@@ -1,7 +1,8 @@
-"""Curvature factors: statistics kept as sums with counts, the damped inverse, and the store on disk.
+"""Curvature factors: statistics kept as sums with counts, and the damped inverse (stored on disk by
+:mod:`msif.curvature.factor_io`).
 
 For a block (rows ``r`` of a tracked module's ``(out, in_dim)`` matrix) the GGN block ``G_W`` of the
-dataset loss ``L = (1/N) Σ_n ℓ(z_n)`` is approximated as follows (PAPER_NOTES §2):
+dataset loss ``L = (1/N) Σ_n ℓ(z_n)`` is approximated as follows (docs/method.md §2):
 
 * ``A = A_sum / n_tokens`` (token mean of ``a aᵀ``, shared by the module's blocks),
   ``S = S_sum / n_tokens`` (token mean of ``s sᵀ`` over the block's rows);
@@ -21,8 +22,7 @@ modified.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,49 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
-from ..errors import MsifError
-from .. import __version__
-from ..atomic import atomic_dir
-from ..tensorfile import save_tensors
 from ..models.adapters import Block, TrackedModule
+from .damping import Damping
+from .factor_io import FORMAT_VERSION, META_FILE, TENSOR_FILE, FactorError, read_factors, write_factors
+from .factor_io import sha256_file as _sha256  # looked up by save at call time (a test interrupts a save through it)
+
+__all__ = ["STRATEGIES", "FORMAT_VERSION", "TENSOR_FILE", "META_FILE", "FactorError", "Damping", "BlockStats",
+           "FactorSet", "symmetric_eigh"]
+
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-FORMAT_VERSION = 1
-TENSOR_FILE = "factors.safetensors"
-META_FILE = "factors.json"
-
-
-class FactorError(MsifError, ValueError):
-    """Factors that cannot be used: corrupt, truncated, or fitted on another model."""
-
-
-@dataclass(frozen=True)
-class Damping:
-    """Damping ``λ``: absolute, or relative (a multiple of the mean eigenvalue ``mean(Λ)`` over all blocks)."""
-
-    value: float
-    relative: bool = False
-
-    @staticmethod
-    def parse(x: "float | str | Damping") -> "Damping":
-        """``0.01`` → absolute; ``"0.1x"`` or ``"rel:0.1"`` → relative to the mean eigenvalue."""
-        if isinstance(x, Damping):
-            return x
-        if isinstance(x, str):
-            s = x.strip().lower()
-            if s.endswith("x"):
-                return Damping(float(s[:-1]), True)
-            if s.startswith("rel:"):
-                return Damping(float(s[4:]), True)
-            return Damping(float(s), False)
-        return Damping(float(x), False)
-
-    def __post_init__(self):
-        if not (self.value >= 0) or self.value != self.value or self.value == float("inf"):
-            raise ValueError(f"damping must be a finite number ≥ 0, not {self.value}")
-
 
 @dataclass
 class BlockStats:
@@ -184,6 +152,20 @@ class FactorSet:
             scale = self.n_tokens / self.n_examples_cov
             return scale * torch.outer(self.eigS[block].to(dtype), self.eigA[b.module].to(dtype))
         raise FactorError(f"strategy {self.strategy!r} has no eigenvalues")
+
+    def with_lambdas(self, lambdas: dict[str, torch.Tensor]) -> "FactorSet":
+        """A copy whose ``Λ`` is ``lambdas[block]`` ``(out_b, in_dim)`` for the blocks given (same
+        eigenbases; EK-FAC or diagonal factors): e.g. the exact ``Λ`` in the fitted eigenbasis. Kept
+        as float64 sums, so :meth:`precondition` and :func:`~msif.curvature.precondition.chain` apply
+        it like fitted factors. This set is not modified."""
+        if self.strategy not in ("ekfac", "diagonal"):
+            raise FactorError(f"only EK-FAC and diagonal factors hold their own Λ, not {self.strategy!r}")
+        new = copy.copy(self)
+        new.__dict__.pop("_summaries", None)
+        new.stats = {b: copy.copy(st) for b, st in self.stats.items()}
+        for b, x in lambdas.items():
+            new.stats[b].lambda_sum = x.double() * self.n_examples_lambda
+        return new
 
     def _summary(self, name: str, fn) -> float:
         """``fn()`` cached until a tensor or count it reads changes (checked by identity and version)."""
@@ -310,34 +292,13 @@ class FactorSet:
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}
 
     def save(self, out_dir: str | os.PathLike) -> Path:
-        """Write ``factors.safetensors`` + ``factors.json`` atomically into ``out_dir``.
+        """Write ``factors.safetensors`` + ``factors.json`` atomically into ``out_dir``
+        (:func:`msif.curvature.factor_io.write_factors`).
 
         The directory is written under a temporary name next to it and renamed into place, so a
         killed run leaves either the previous factors or the new ones, never a mix.
         """
-        if self.meta.get("sums_dropped"):
-            raise FactorError("these factors were loaded for scoring only (without their covariance sums); save the original fit")
-
-        def write(tmp: Path):
-            tensor_path = tmp / TENSOR_FILE
-            save_tensors(self._tensors(), tensor_path, metadata={"msif_format": str(FORMAT_VERSION)})
-            meta = dict(self.meta)
-            meta.update(
-                format_version=FORMAT_VERSION,
-                msif_version=__version__,
-                strategy=self.strategy,
-                n_tokens=self.n_tokens,
-                n_examples_cov=self.n_examples_cov,
-                n_examples_lambda=self.n_examples_lambda,
-                modules=[_tm_to_json(tm) for tm in self.modules.values()],
-                sha256=_sha256(tensor_path),
-                tensor_bytes=tensor_path.stat().st_size,
-                factor_dtype=str(self.dtype).removeprefix("torch."),
-            )
-            meta["meta_sha256"] = _meta_sha256(meta)
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-
-        return atomic_dir(out_dir, write)
+        return write_factors(self, out_dir, checksum=_sha256)
 
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True, for_scoring: bool = False,
@@ -346,64 +307,9 @@ class FactorSet:
 
         ``for_scoring``: read only what preconditioning needs (eigenvectors, eigenvalues, Λ sums), not
         the covariance sums (about half of an EK-FAC file); such factors cannot be merged or saved.
-        ``device``: where the tensors go (default: the CPU).
+        ``device``: where the tensors go (default: the CPU). ``verify``: check the tensors' sha256.
         """
-        p = Path(path)
-        meta_path, tensor_path = p / META_FILE, p / TENSOR_FILE
-        if not meta_path.exists() or not tensor_path.exists():
-            raise FactorError(
-                f"{p} holds no msif factors (expected {META_FILE} and {TENSOR_FILE}); fit them with `msif fit`"
-            )
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FactorError(f"{meta_path} is corrupt ({e}); re-run `msif fit`") from None
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            got = meta.get("format_version") if isinstance(meta, dict) else None
-            raise FactorError(f"{p}: factor format {got} is not {FORMAT_VERSION}; re-fit")
-        if "meta_sha256" in meta and _meta_sha256(meta) != meta["meta_sha256"]:
-            raise FactorError(f"{meta_path} was edited after it was written (it does not match its checksum): its counts, "
-                              "strategy and shapes decide every score; re-run `msif fit`")
-        size = tensor_path.stat().st_size
-        if size != meta.get("tensor_bytes"):
-            raise FactorError(
-                f"{tensor_path} is {size} bytes, not the {meta.get('tensor_bytes')} written: the file is truncated "
-                "or was replaced; re-run `msif fit`"
-            )
-        if verify and _sha256(tensor_path) != meta.get("sha256"):
-            raise FactorError(f"{tensor_path} does not match its checksum: the file is corrupt; re-run `msif fit`")
-        skip = ("A_sum/", "S_sum/") if for_scoring and meta["strategy"] in ("ekfac", "kfac") else ()
-        try:
-            t = {}
-            with safe_open(str(tensor_path), framework="pt") as f:
-                for key in f.keys():
-                    if not key.startswith(skip or ("\0",)):
-                        t[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise FactorError(f"{tensor_path} cannot be read ({e}); re-run `msif fit`") from None
-        try:
-            modules = {d["name"]: _tm_from_json(d) for d in meta["modules"]}
-            blocks = {b.name: b for tm in modules.values() for b in tm.blocks}
-            fs = cls(
-                strategy=meta["strategy"],
-                modules=modules,
-                blocks=blocks,
-                n_tokens=meta["n_tokens"],
-                n_examples_cov=meta["n_examples_cov"],
-                n_examples_lambda=meta["n_examples_lambda"],
-                meta={k: v for k, v in meta.items() if k not in ("modules",)},
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise FactorError(f"{meta_path} is incomplete or malformed (entry {e}); re-run `msif fit`") from None
-        _check_shapes(t, modules, blocks, meta_path)
-        if skip:
-            fs.meta["sums_dropped"] = True
-        for key in list(t):
-            x = t.pop(key)
-            # own, aligned memory: results then match the fresh factors bit for bit
-            x = x.clone() if device is None or torch.device(device).type == "cpu" else x.to(device)
-            fs.set_tensor(key, x)
-        return fs
+        return read_factors(cls, path, verify, for_scoring, device)
 
     def set_tensor(self, key: str, x: torch.Tensor) -> None:
         """Put one tensor back by its key of :meth:`_tensors` (``kind/name``)."""
@@ -426,57 +332,6 @@ class FactorSet:
                 f"not on the {what} they are applied to (fingerprint {fingerprint[:12]}…). Fit factors for this "
                 "model with `msif fit`, or pass the model they were fitted on."
             )
-
-
-def _meta_sha256(meta: dict) -> str:
-    """Checksum of the metadata without its own checksum field (canonical JSON)."""
-    import hashlib
-
-    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _check_shapes(t: dict, modules: dict, blocks: dict, meta_path) -> None:
-    """Every tensor of the file has the shape its module / block in the metadata claims."""
-    for key, x in t.items():
-        kind, name = key.split("/", 1)
-        if kind in ("A_sum", "QA", "eigA"):
-            tm = modules.get(name)
-            want = None if tm is None else ((tm.in_dim,) if kind == "eigA" else (tm.in_dim, tm.in_dim))
-        else:
-            b = blocks.get(name)
-            tm = None if b is None else modules.get(b.module)
-            want = None if tm is None else {"S_sum": (b.out_dim, b.out_dim), "QS": (b.out_dim, b.out_dim), "eigS": (b.out_dim,),
-                                            "lambda_sum": (b.out_dim, tm.in_dim)}.get(kind, tuple(x.shape))
-        if want is None:
-            raise FactorError(f"{meta_path} does not describe tensor {key!r} of the factor file; re-run `msif fit`")
-        if tuple(x.shape) != tuple(want):
-            raise FactorError(f"tensor {key!r} has shape {tuple(x.shape)}, {meta_path} claims {tuple(want)}; re-run `msif fit`")
-
-
-def _tm_to_json(tm: TrackedModule) -> dict:
-    return dict(
-        name=tm.name,
-        role=tm.role,
-        in_features=tm.in_features,
-        out_features=tm.out_features,
-        bias=tm.bias,
-        transposed=tm.transposed,
-        blocks=[dict(name=b.name, row_start=b.row_start, row_stop=b.row_stop, head=b.head, proj=b.proj) for b in tm.blocks],
-    )
-
-
-def _tm_from_json(d: dict) -> TrackedModule:
-    blocks = tuple(Block(b["name"], d["name"], d["role"], b["row_start"], b["row_stop"], b["head"], b["proj"]) for b in d["blocks"])
-    return TrackedModule(d["name"], d["role"], d["in_features"], d["out_features"], d["bias"], d["transposed"], blocks)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def symmetric_eigh(mats: dict, scale: float = 1.0) -> dict:

@@ -126,7 +126,7 @@ def chain(stages: Sequence[tuple], grads: dict, dtype: torch.dtype | None = None
     be relative (``"0.1x"``); they are resolved once here. Every stage must hold factors for every
     module of ``grads``, split into the same blocks.
     """
-    from .factors import FactorError
+    from .factor_io import FactorError
 
     stages = [(fs, fs.resolve_damping(d)) for fs, d in stages]
     stages = [(fs, lam) for fs, lam in stages if fs.strategy != "identity"] or stages[:1]

@@ -16,6 +16,9 @@ Nothing here holds the whole corpus in memory:
 * **A ``datasets`` folder** (written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``)
   is memory-mapped Arrow; random access is a slice.
 
+The readers live in :mod:`msif.data.jsonl` and :mod:`msif.data.columnar`, format detection in
+:mod:`msif.data.formats`; this module holds the :class:`Corpus` over them.
+
 Every user-facing problem (missing file, unknown format, missing field, a line that is not JSON, an
 empty corpus, duplicate ids) raises :class:`msif.data.encoding.InputError` with the file, the row and
 the fix in the message.
@@ -32,17 +35,16 @@ Typical use::
 
 from __future__ import annotations
 
-import bisect
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
-import numpy as np
-
+from msif.data.columnar import DatasetsBackend, ParquetBackend
 from msif.data.encoding import InputError
+from msif.data.formats import SUPPORTED_FORMATS, detect_format
+from msif.data.identity import content_sha256, corpus_fingerprint, corpus_matches, fingerprints_match
+from msif.data.jsonl import JsonlBackend
 
 __all__ = [
     "Corpus",
@@ -55,401 +57,7 @@ __all__ = [
     "SUPPORTED_FORMATS",
 ]
 
-SUPPORTED_FORMATS = (
-    "JSON lines (.jsonl, .ndjson, or .json with one object per line), Parquet (.parquet/.pq, or a "
-    "folder of .parquet files), or a folder written by datasets' save_to_disk"
-)
-_JSONL_EXT = (".jsonl", ".ndjson", ".json")
-_PARQUET_EXT = (".parquet", ".pq")
 DEFAULT_ID_FIELD = "id"
-_SCAN_CHUNK = 8 << 20  # bytes read at a time when building a JSONL offset index
-
-
-# --------------------------------------------------------------------------------------------------
-# format detection
-
-
-def detect_format(path: str | os.PathLike) -> str:
-    """Return ``"jsonl"``, ``"parquet"`` or ``"datasets"`` for ``path``; raise :class:`InputError`.
-
-    Files are recognised by extension; folders by their content (``state.json`` or
-    ``dataset_dict.json`` for a ``datasets`` folder, ``*.parquet`` files for a Parquet folder).
-    """
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"Corpus {str(p)!r} does not exist. Check the path (it is resolved from {os.getcwd()!r}).")
-    if p.is_dir():
-        if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
-            return "datasets"
-        if _parquet_files(p):
-            return "parquet"
-        raise InputError(
-            f"Corpus folder {str(p)!r} is neither a datasets save_to_disk folder (no state.json or "
-            f"dataset_dict.json) nor a folder of .parquet files. Supported: {SUPPORTED_FORMATS}."
-        )
-    name = p.name.lower()
-    if name.endswith(_PARQUET_EXT):
-        return "parquet"
-    if name.endswith(_JSONL_EXT):
-        return "jsonl"
-    if name.endswith((".gz", ".bz2", ".xz", ".zst", ".zip")):
-        raise InputError(
-            f"Corpus {str(p)!r} is compressed; random access needs an uncompressed file. Decompress it "
-            f"(e.g. `gunzip -k`) or convert it to Parquet. Supported: {SUPPORTED_FORMATS}."
-        )
-    raise InputError(
-        f"Corpus {str(p)!r} has an unknown format (extension {p.suffix or 'none'!r}). Supported: "
-        f"{SUPPORTED_FORMATS}. Rename the file if its content is one of these, or pass format=..."
-    )
-
-
-def _parquet_files(folder: Path) -> list[Path]:
-    return sorted(q for q in folder.rglob("*") if q.is_file() and q.name.lower().endswith(_PARQUET_EXT))
-
-
-# --------------------------------------------------------------------------------------------------
-# backends: each exposes `columns`, `n_rows()`, `read(rows, cols)`, `stream(start, stop, cols, size)`
-# `read` returns dicts in the order of `rows`; `stream` yields (first_row, list_of_dicts).
-
-
-class _JsonlBackend:
-    """Line-per-object JSON. Rows are the non-blank lines."""
-
-    def __init__(self, path: Path, cache_dir):
-        self.path = path
-        self.cache_dir = cache_dir
-        self._offsets: np.ndarray | None = None
-        self._ends: np.ndarray | None = None
-        first = self._first_record()
-        if first is None:
-            raise InputError(f"Corpus {str(path)!r} is empty (no non-blank lines). Point to a file with one JSON object per line.")
-        self.columns = list(first.keys())
-
-    # -- parsing
-    def _parse(self, raw: bytes, row: int, line: int | None) -> dict:
-        try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            where = self._where(row, line)
-            msg = getattr(e, "msg", str(e))
-            snippet = raw[:80].decode("utf-8", "replace")
-            if row == 0 and raw.strip().startswith(b"["):
-                raise InputError(
-                    f"{str(self.path)!r} looks like a JSON array, not JSON lines. Write one object per line "
-                    "(e.g. `jq -c '.[]' in.json > out.jsonl`)."
-                ) from None
-            raise InputError(
-                f"{str(self.path)!r}: {where} is not valid JSON ({msg}): {snippet!r}. Each line of a "
-                "JSONL corpus must be one JSON object; fix or delete that line."
-            ) from None
-        if not isinstance(rec, dict):
-            if row == 0 and isinstance(rec, list):
-                raise InputError(
-                    f"{str(self.path)!r} holds a JSON array, not JSON lines. Write one object per line "
-                    "(e.g. `jq -c '.[]' in.json > out.jsonl`)."
-                )
-            raise InputError(
-                f"{str(self.path)!r}: {self._where(row, line)} is a JSON {type(rec).__name__}, not an "
-                "object. Each line must be an object such as {\"id\": ..., \"text\": ...}."
-            )
-        return rec
-
-    def _where(self, row: int, line: int | None) -> str:
-        if line is None:
-            line = self._line_of(row)
-        return f"row {row} (line {line})"
-
-    def _line_of(self, row: int) -> int:
-        """1-based line number of ``row`` (only computed for error messages)."""
-        off = int(self.offsets[row])
-        count = 0
-        with open(self.path, "rb") as f:
-            remaining = off
-            while remaining > 0:
-                buf = f.read(min(_SCAN_CHUNK, remaining))
-                if not buf:
-                    break
-                count += buf.count(b"\n")
-                remaining -= len(buf)
-        return count + 1
-
-    def _first_record(self) -> dict | None:
-        with open(self.path, "rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                if raw.strip():
-                    return self._parse(raw, 0, line_no)
-        return None
-
-    # -- offsets index
-    @property
-    def offsets(self) -> np.ndarray:
-        if self._offsets is None:
-            self._offsets, self._ends = self._load_or_build_offsets()
-        return self._offsets
-
-    def _cache_paths(self) -> tuple[Path, Path] | None:
-        if self.cache_dir is False:
-            return None
-        base = Path(self.cache_dir) if self.cache_dir else _default_cache_dir()
-        key = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:20]
-        return base / f"{key}.offsets.npy", base / f"{key}.offsets.json"
-
-    def _load_or_build_offsets(self) -> tuple[np.ndarray, np.ndarray]:
-        st = self.path.stat()
-        stamp = {"path": str(self.path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "version": 1}
-        paths = self._cache_paths()
-        if paths is not None:
-            npy, meta = paths
-            try:
-                if json.loads(meta.read_text()) == stamp:
-                    both = np.load(npy, mmap_mode="r")
-                    if both.ndim == 2 and both.shape[0] == 2:
-                        return both[0], both[1]
-            except (OSError, ValueError):
-                pass
-        starts, ends = _scan_line_offsets(self.path)
-        if paths is not None:
-            try:
-                npy.parent.mkdir(parents=True, exist_ok=True)
-                tmp = npy.with_name(npy.name + f".tmp{os.getpid()}.npy")
-                np.save(tmp, np.stack([starts, ends]))
-                os.replace(tmp, npy)
-                tmp_meta = meta.with_name(meta.name + f".tmp{os.getpid()}")
-                tmp_meta.write_text(json.dumps(stamp))
-                os.replace(tmp_meta, meta)
-            except OSError:
-                pass  # an unwritable cache only costs a rescan next time
-        return starts, ends
-
-    def n_rows(self) -> int:
-        return int(len(self.offsets))
-
-    # -- access
-    def read(self, rows: Sequence[int], cols) -> list[dict]:
-        offs, ends = self.offsets, self._ends
-        out = []
-        with open(self.path, "rb") as f:
-            for r in rows:
-                f.seek(int(offs[r]))
-                raw = f.read(int(ends[r]) - int(offs[r]))
-                out.append(self._parse(raw, int(r), None))
-        return out
-
-    def stream(self, start: int, stop: int | None, cols, size: int) -> Iterator[tuple[int, list[dict]]]:
-        row, line_no = 0, 0
-        with open(self.path, "rb") as f:
-            if start > 0 and self._offsets is not None:
-                if start >= len(self._offsets):
-                    return
-                f.seek(int(self._offsets[start]))
-                row, line_no = start, None  # line numbers unknown after a seek; computed on error
-            batch, first = [], start
-            for raw in f:
-                if line_no is not None:
-                    line_no += 1
-                if not raw.strip():
-                    continue
-                if stop is not None and row >= stop:
-                    break
-                if row >= start:
-                    batch.append(self._parse(raw, row, line_no))
-                    if len(batch) == size:
-                        yield first, batch
-                        first, batch = row + 1, []
-                row += 1
-            if batch:
-                yield first, batch
-
-
-def _default_cache_dir() -> Path:
-    env = os.environ.get("MSIF_CACHE_DIR")
-    if env:
-        return Path(env) / "jsonl-offsets"
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "msif" / "jsonl-offsets"
-
-
-_WS = np.zeros(256, dtype=bool)
-_WS[[9, 10, 11, 12, 13, 32]] = True
-
-
-def _scan_line_offsets(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Byte ``(starts, ends)`` of every non-blank line of ``path`` (``ends`` exclusive, before ``\\n``).
-
-    Reads the file in chunks and finds newlines with numpy, so a multi-GB file takes seconds.
-    A line is blank when it holds only whitespace.
-    """
-    starts_parts, ends_parts = [], []
-    pos = 0  # absolute offset of the current chunk
-    line_start = 0  # absolute offset where the unfinished line began
-    carry = 0  # non-whitespace bytes seen so far in the unfinished line
-    with open(path, "rb") as f:
-        while True:
-            buf = f.read(_SCAN_CHUNK)
-            if not buf:
-                break
-            a = np.frombuffer(buf, dtype=np.uint8)
-            nonws = np.concatenate([[0], np.cumsum(~_WS[a], dtype=np.int64)])  # prefix counts
-            nl = np.flatnonzero(a == 10)
-            if len(nl):
-                local_starts = np.concatenate([[0], nl[:-1] + 1])
-                counts = nonws[nl] - nonws[local_starts]
-                counts[0] += carry
-                s = local_starts + pos
-                s[0] = line_start
-                keep = counts > 0
-                starts_parts.append(s[keep])
-                ends_parts.append((nl + pos)[keep])
-                line_start = int(nl[-1]) + 1 + pos
-                carry = int(nonws[-1] - nonws[nl[-1] + 1])
-            else:
-                carry += int(nonws[-1])
-            pos += len(buf)
-    if carry > 0:  # last line without a trailing newline
-        starts_parts.append(np.array([line_start]))
-        ends_parts.append(np.array([pos]))
-    if not starts_parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(starts_parts).astype(np.int64), np.concatenate(ends_parts).astype(np.int64)
-
-
-class _ParquetBackend:
-    """One Parquet file or a folder of them; rows are numbered across files in sorted path order."""
-
-    def __init__(self, path: Path):
-        import pyarrow.parquet as pq
-
-        self.path = path
-        self.files = _parquet_files(path) if path.is_dir() else [path]
-        self._pf = []
-        rg_starts, rg_index = [], []
-        total = 0
-        self.columns = None
-        for fp in self.files:
-            try:
-                pf = pq.ParquetFile(fp)
-            except Exception as e:  # pyarrow raises ArrowInvalid/OSError for non-parquet bytes
-                raise InputError(f"{str(fp)!r} could not be read as Parquet ({e}). Is it a Parquet file?") from None
-            names = list(pf.schema_arrow.names)
-            if self.columns is None:
-                self.columns = names
-            elif set(names) != set(self.columns):
-                raise InputError(
-                    f"Parquet shard {str(fp)!r} has columns {names}, but {str(self.files[0])!r} has "
-                    f"{self.columns}. All shards of a corpus must share one schema."
-                )
-            fi = len(self._pf)
-            self._pf.append(pf)
-            md = pf.metadata
-            for g in range(md.num_row_groups):
-                n = md.row_group(g).num_rows
-                if n == 0:
-                    continue
-                rg_starts.append(total)
-                rg_index.append((fi, g))
-                total += n
-        self._rg_starts = rg_starts
-        self._rg_index = rg_index
-        self._n = total
-        self._cached_key = None
-        self._cached_table = None
-        if total == 0:
-            raise InputError(f"Corpus {str(path)!r} is empty (0 rows). Point to a non-empty Parquet file.")
-
-    def n_rows(self) -> int:
-        return self._n
-
-    def _group(self, g: int, cols):
-        key = (g, tuple(cols) if cols is not None else None)
-        if key != self._cached_key:
-            fi, rg = self._rg_index[g]
-            self._cached_table = self._pf[fi].read_row_group(rg, columns=cols)
-            self._cached_key = key
-        return self._cached_table
-
-    def read(self, rows: Sequence[int], cols) -> list[dict]:
-        out: list[Any] = [None] * len(rows)
-        by_group: dict[int, list[tuple[int, int]]] = {}
-        for pos, r in enumerate(rows):
-            g = bisect.bisect_right(self._rg_starts, int(r)) - 1
-            by_group.setdefault(g, []).append((pos, int(r) - self._rg_starts[g]))
-        for g, items in by_group.items():
-            table = self._group(g, cols)
-            recs = table.take([local for _, local in items]).to_pylist()
-            for (pos, _), rec in zip(items, recs):
-                out[pos] = rec
-        return out
-
-    def stream(self, start: int, stop: int | None, cols, size: int) -> Iterator[tuple[int, list[dict]]]:
-        stop = self._n if stop is None else min(stop, self._n)
-        if start >= stop:
-            return
-        g0 = bisect.bisect_right(self._rg_starts, start) - 1
-        row = self._rg_starts[g0]
-        for g in range(g0, len(self._rg_index)):
-            if row >= stop:
-                break
-            fi, rg = self._rg_index[g]
-            for rb in self._pf[fi].iter_batches(batch_size=size, row_groups=[rg], columns=cols):
-                lo, hi = max(start - row, 0), min(stop - row, rb.num_rows)
-                if hi > lo:
-                    yield row + lo, rb.slice(lo, hi - lo).to_pylist()
-                row += rb.num_rows
-                if row >= stop:
-                    break
-
-
-class _DatasetsBackend:
-    """A folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``, with ``split``)."""
-
-    def __init__(self, path: Path, split: str | None):
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:
-            raise InputError(f"{str(path)!r} could not be loaded with datasets.load_from_disk ({e}).") from None
-        if isinstance(ds, datasets.DatasetDict):
-            splits = list(ds.keys())
-            if split is None and len(splits) == 1:
-                split = splits[0]
-            if split is None or split not in ds:
-                raise InputError(
-                    f"{str(path)!r} is a DatasetDict with splits {splits}; choose one with split=... "
-                    f"(CLI: --split){'' if split is None else f' (got {split!r})'}."
-                )
-            ds = ds[split]
-        elif split is not None:
-            raise InputError(f"{str(path)!r} is a single Dataset; it has no split {split!r}. Drop split=.")
-        self.path = path
-        self.ds = ds
-        self.columns = list(ds.column_names)
-        self._views: dict = {}
-        if len(ds) == 0:
-            raise InputError(f"Corpus {str(path)!r} is empty (0 rows). Point to a non-empty dataset.")
-
-    def n_rows(self) -> int:
-        return len(self.ds)
-
-    def _view(self, cols):
-        key = tuple(cols) if cols is not None else None
-        if key not in self._views:
-            ds = self.ds if cols is None else self.ds.select_columns(list(cols))
-            self._views[key] = ds.with_format("arrow")
-        return self._views[key]
-
-    def read(self, rows: Sequence[int], cols) -> list[dict]:
-        return self._view(cols)[[int(r) for r in rows]].to_pylist()
-
-    def stream(self, start: int, stop: int | None, cols, size: int) -> Iterator[tuple[int, list[dict]]]:
-        view = self._view(cols)
-        stop = len(self.ds) if stop is None else min(stop, len(self.ds))
-        for lo in range(start, stop, size):
-            yield lo, view[lo : min(lo + size, stop)].to_pylist()
-
-
-# --------------------------------------------------------------------------------------------------
-# the public Corpus
 
 
 @dataclass
@@ -516,11 +124,11 @@ class Corpus:
         if fmt == "jsonl":
             if self.path.is_dir():
                 raise InputError(f"{str(self.path)!r} is a folder; format='jsonl' needs a file.")
-            self._b = _JsonlBackend(self.path, cache_dir)
+            self._b = JsonlBackend(self.path, cache_dir)
         elif fmt == "parquet":
-            self._b = _ParquetBackend(self.path)
+            self._b = ParquetBackend(self.path)
         elif fmt == "datasets":
-            self._b = _DatasetsBackend(self.path, split)
+            self._b = DatasetsBackend(self.path, split)
         else:
             raise InputError(f"Unknown corpus format {fmt!r}; use one of 'jsonl', 'parquet', 'datasets'.")
         self.format = fmt
@@ -713,40 +321,12 @@ class Corpus:
         ``n_sample`` evenly spaced rows) identify the content; ``bytes`` and ``mtime_ns`` are recorded
         for information (a copied file keeps its content but not its mtime).
         """
-        n = len(self)
-        files = [self.path] if self.path.is_file() else [q for q in sorted(self.path.rglob("*")) if q.is_file()]
-        size = sum(q.stat().st_size for q in files)
-        mtime = max(q.stat().st_mtime_ns for q in files)
-        rows = sorted(set(list(range(min(n, 8))) + list(range(max(n - 8, 0), n)) + np.linspace(0, n - 1, min(n, n_sample)).astype(int).tolist()))
-        h = hashlib.sha256()
-        h.update(f"{n}|{self.text_field}|{self.id_field}".encode())
-        texts = self.texts(rows) if self.text_field is not None else [""] * len(rows)
-        for r, d, t in zip(rows, self.doc_ids(rows), texts):
-            h.update(f"\x00{r}\x00{d}\x00".encode())
-            h.update(t.encode("utf-8", "surrogatepass"))
-        return {
-            "path": str(self.path.resolve()),
-            "format": self.format,
-            "split": self.split,
-            "text_field": self.text_field,
-            "id_field": self.id_field,
-            "n_rows": n,
-            "bytes": size,
-            "mtime_ns": mtime,
-            "sample_sha256": h.hexdigest(),
-        }
+        return corpus_fingerprint(self, n_sample)
 
     def content_sha256(self, batch_size: int = 4096) -> str:
         """A hash of every row's id and text, in order: one read pass (an index stores it, so that an
         edit anywhere in the corpus is seen, not only in :meth:`fingerprint`'s sampled rows)."""
-        h = hashlib.sha256()
-        h.update(f"{len(self)}|{self.text_field}|{self.id_field}".encode())
-        field = self.text_field if self.text_field is not None else None
-        for b in self.iter_batches(batch_size, field=field):
-            for j, (d, t) in enumerate(zip(b.ids, b.texts)):
-                h.update(f"\x00{b.start + j}\x00{d}\x00".encode())
-                h.update(("" if t is None else str(t)).encode("utf-8", "surrogatepass"))
-        return h.hexdigest()
+        return content_sha256(self, batch_size)
 
     # ---------------------------------------------------------------- helpers
     def _stream(self, start, limit, cols, size):
@@ -783,7 +363,7 @@ class Corpus:
                 )
 
     def _where(self, row: int) -> str:
-        if isinstance(self._b, _JsonlBackend):
+        if isinstance(self._b, JsonlBackend):
             return self._b._where(row, None)
         return f"row {row}"
 
@@ -855,27 +435,3 @@ def iter_records(
     """
     corpus = Corpus(path, text_field=None, id_field=id_field, format=format, split=split, cache_dir=False)
     yield from corpus.iter_records(fields=fields, start=start, limit=limit, batch_size=batch_size)
-
-
-def fingerprints_match(stored: dict, current: dict) -> str | None:
-    """``None`` when two :meth:`Corpus.fingerprint` s describe the same content, else the reason."""
-    for key in ("n_rows", "text_field", "id_field", "sample_sha256"):
-        if stored.get(key) != current.get(key):
-            if key == "sample_sha256":
-                return "the sampled rows' ids/texts differ (the corpus content changed)"
-            return f"{key} differs ({stored.get(key)!r} when built, {current.get(key)!r} now)"
-    return None
-
-
-def corpus_matches(stored: dict, corpus: "Corpus") -> str | None:
-    """:func:`fingerprints_match`, and where ``stored`` holds a :meth:`Corpus.content_sha256`, every row:
-    re-hashed (one read pass) only when the files' size or modification time changed since then."""
-    current = corpus.fingerprint()
-    why = fingerprints_match(stored, current)
-    if why is not None or "content_sha256" not in stored:
-        return why
-    if (stored.get("bytes"), stored.get("mtime_ns")) == (current["bytes"], current["mtime_ns"]):
-        return None
-    if corpus.content_sha256() != stored["content_sha256"]:
-        return "a row's id or text differs (the corpus was edited since)"
-    return None

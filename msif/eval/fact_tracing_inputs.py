@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .timing import Timings
+from .timer import Timings
 
 if TYPE_CHECKING:
     from .fact_tracing import FactTracingConfig

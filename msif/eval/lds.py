@@ -20,7 +20,6 @@ exact damped GGN solve (dense). The cost (retraining ``n_subsets`` models) is re
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -28,8 +27,12 @@ import torch
 
 from ..baselines.trak import Projector, featurize, trak_scores
 from ..curvature import exact
+from ..curvature.fit import FitConfig
+from ..curvature.hidden_ggn import hidden_ggn
+from ..data.encoding import Encoded
 from ..models.adapters import tracked_modules
-from . import scalability as sc
+from . import tinylm
+from .timer import Timer
 
 
 @dataclass
@@ -71,47 +74,64 @@ def lds(scores: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor) -> dict
     return dict(mean=float(np.mean(vals)), std=float(np.std(vals)), per_query=vals)
 
 
-def run(config: LDSConfig | None = None, progress=None, **overrides) -> dict:
-    cfg = replace(config or LDSConfig(), **overrides)
-    log = progress or (lambda m: None)
-    T0 = time.perf_counter()
-    data = sc.make_data(cfg.countries, 2, 0.1, cfg.seed)
-    train = [sc.Encoded(e.input_ids, e.target_mask, index=i) for i, e in enumerate(data.train[: cfg.n_train])]
-    clean = [e for e in data.heldout if 3 not in e.input_ids]
+def _sets(cfg: LDSConfig) -> tuple[tinylm.TextData, list[Encoded], list[Encoded]]:
+    """The text, the training set ``Z`` (the first ``n_train`` sentences, re-indexed) and the queries."""
+    data = tinylm.make_data(cfg.countries, 2, 0.1, cfg.seed)
+    train = [Encoded(e.input_ids, e.target_mask, index=i) for i, e in enumerate(data.train[: cfg.n_train])]
+    clean = [e for e in data.heldout if tinylm.UNK not in e.input_ids]
     queries = random.Random(cfg.seed + 7).sample(clean if len(clean) >= cfg.n_queries else data.heldout, cfg.n_queries)
+    return data, train, queries
+
+
+def _new_model(cfg: LDSConfig, data: tinylm.TextData, seed: int):
+    return tinylm.build_model(len(data.vocab), cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate, seed)
+
+
+@dataclass
+class Scores:
+    """Each method's scores ``τ (Q, N)`` on the model trained on all of ``Z``, at one absolute damping."""
+
+    scores: dict[str, torch.Tensor]
+    lam: float
+    D: int
+    training: dict
+
+
+def method_scores(cfg: LDSConfig, data: tinylm.TextData, train: list[Encoded], queries: list[Encoded]) -> Scores:
+    """Train on ``Z``; the exact damped GGN solve, EK-FAC (plain and refined basis), K-FAC, GDP and TRAK."""
     N = len(train)
-
-    def new_model(seed):
-        return sc.build_model(len(data.vocab), cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate, seed)
-
-    t = time.perf_counter()
-    model = new_model(cfg.seed)
-    curve = sc.train_lm(model, train, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, record=True)
-    t_train = time.perf_counter() - t
+    with Timer() as t:
+        model = _new_model(cfg, data, cfg.seed)
+        curve = tinylm.train_lm(model, train, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, record=True)
     model = model.double().eval()
     tms = tracked_modules(model)
-    QG, Qmod = sc.flat_grads(model, tms, queries)
-    CG_, Cmod = sc.flat_grads(model, tms, train)
-    G = sc.dense_ggn(model, tms, train)
+    QG, Qmod = tinylm.example_grads(model, tms, queries)
+    CG_, Cmod = tinylm.example_grads(model, tms, train)
+    G = hidden_ggn(model, tms, train).full
     lam = cfg.damping * float(torch.diagonal(G).mean())
     scores = {"exact": exact.damped_solve(G, QG.T.contiguous(), lam).T @ CG_.T}
     for name, strat, refine in (("ekfac", "ekfac", 0), ("ekfac_refined", "ekfac", 1), ("kfac", "kfac", 0), ("gdp", "identity", 0)):
-        fs = sc.fit(model, tms, train, strat, "all", cfg.replicates, cfg.seed, refine=refine)
+        conf = FitConfig(strategy=strat, modules="all", seed=cfg.seed, batch_size=64, refine=refine)
+        fs = tinylm.fit(model, train, cfg.replicates, conf, fingerprint="lds")
         U = fs.precondition(Qmod, lam)
         scores[name] = sum(torch.einsum("qoi,coi->qc", U[n], Cmod[n]) for n in fs.modules)
     proj = Projector(exact.param_layout(tms).D, cfg.trak_dim, "rademacher", seed=cfg.seed)
     feats = []
     for mi in range(cfg.trak_models):
         half = random.Random(cfg.seed * 1000 + mi + 1).sample(range(N), N // 2)
-        mdl = new_model(cfg.seed + 500 + mi)
-        sc.train_lm(mdl, [train[i] for i in half], cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed + 500 + mi, record=False)
+        mdl = _new_model(cfg, data, cfg.seed + 500 + mi)
+        tinylm.train_lm(mdl, [train[i] for i in half], cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed + 500 + mi, record=False)
         mdl = mdl.double().eval()
-        feats.append(featurize(mdl, tracked_modules(mdl), sc._batches(train, 64), sc._batches(queries, 64), proj))
+        feats.append(featurize(mdl, tracked_modules(mdl), tinylm.batches(train, 64), tinylm.batches(queries, 64), proj))
     scores["trak"] = trak_scores(feats)
-    log(f"LDS: scores of {N} training sentences for {len(queries)} queries")
+    training = dict(final_loss=curve["train_loss"][-1], converged=curve.get("converged"), time_s=t.s)
+    return Scores(scores, lam, int(G.shape[0]), training)
 
-    # retraining on random subsets
-    t = time.perf_counter()
+
+def retrained_losses(cfg: LDSConfig, data: tinylm.TextData, train: list[Encoded], queries: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subset indicators ``masks (K, N)`` and the query losses ``(K, Q)`` of a model retrained on each
+    subset from the full model's initialisation and data-order seed."""
+    N = len(train)
     g = torch.Generator().manual_seed(cfg.seed + 99)
     k = int(round(cfg.fraction * N))
     masks = torch.zeros(cfg.n_subsets, N)
@@ -119,19 +139,30 @@ def run(config: LDSConfig | None = None, progress=None, **overrides) -> dict:
     for s in range(cfg.n_subsets):
         idx = torch.randperm(N, generator=g)[:k]
         masks[s, idx] = 1
-        mdl = new_model(cfg.seed)  # same initialisation as the full model
-        sc.train_lm(mdl, [train[i] for i in sorted(idx.tolist())], cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, record=False)
-        losses[s] = sc.sequence_losses(mdl, queries)
-    t_sub = time.perf_counter() - t
-    log(f"LDS: retrained {cfg.n_subsets} models in {t_sub:.1f}s")
-    methods = {name: lds(S, masks, losses) for name, S in scores.items()}
-    return dict(
-        config=asdict(cfg), n_train=N, n_queries=len(queries), damping_lambda=lam, D=int(G.shape[0]),
-        training=dict(final_loss=curve["train_loss"][-1], converged=curve.get("converged"), time_s=t_train),
-        methods=methods,
-        query_loss_spread=float(losses.std(0).mean()),
-        cost=dict(subset_training_s=t_sub, per_model_s=t_sub / cfg.n_subsets, total_s=time.perf_counter() - T0),
-    )
+        mdl = _new_model(cfg, data, cfg.seed)  # same initialisation as the full model
+        tinylm.train_lm(mdl, [train[i] for i in sorted(idx.tolist())], cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, record=False)
+        losses[s] = tinylm.sequence_losses(mdl, queries)
+    return masks, losses
+
+
+def run(config: LDSConfig | None = None, progress=None, **overrides) -> dict:
+    """The LDS of every method (see the module docstring); a JSON-serialisable dict."""
+    cfg = replace(config or LDSConfig(), **overrides)
+    log = progress or (lambda m: None)
+    with Timer() as total:
+        data, train, queries = _sets(cfg)
+        sc = method_scores(cfg, data, train, queries)
+        log(f"LDS: scores of {len(train)} training sentences for {len(queries)} queries")
+        with Timer() as t_sub:
+            masks, losses = retrained_losses(cfg, data, train, queries)
+        log(f"LDS: retrained {cfg.n_subsets} models in {t_sub.s:.1f}s")
+        methods = {name: lds(S, masks, losses) for name, S in sc.scores.items()}
+        return dict(
+            config=asdict(cfg), n_train=len(train), n_queries=len(queries), damping_lambda=sc.lam, D=sc.D,
+            training=sc.training, methods=methods,
+            query_loss_spread=float(losses.std(0).mean()),
+            cost=dict(subset_training_s=t_sub.s, per_model_s=t_sub.s / cfg.n_subsets, total_s=total.s),
+        )
 
 
 _LABEL = {"exact": "exact damped GGN (dense)", "ekfac": "EK-FAC", "ekfac_refined": "EK-FAC, refined basis", "kfac": "K-FAC", "gdp": "GDP", "trak": "TRAK"}

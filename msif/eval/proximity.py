@@ -1,7 +1,7 @@
 """How far fine-tuning moved the weights (paper §5.2, Figure 2): the premise of the proximity term.
 
 Multi-stage influence treats fine-tuning as minimising the fine-tuning loss plus an implicit
-``(α/2)‖θ − θ_pt‖²`` (PAPER_NOTES §3). Whether that is plausible is measured here: for every parameter
+``(α/2)‖θ − θ_pt‖²`` (docs/method.md §3). Whether that is plausible is measured here: for every parameter
 that the pre-trained and fine-tuned models share **by name and shape**,
 
 * ``distance = ‖θ_ft − θ_pt‖₂`` (Frobenius norm for a matrix), ``norm_pt = ‖θ_pt‖₂`` and

@@ -8,28 +8,24 @@
   factors so that they are never applied to another model by mistake.
 * :func:`backbone_match` lists the tracked modules that a pre-trained and a fine-tuned model (e.g. a
   causal LM and a classifier built from it) share, and raises :class:`BackboneMismatchError` otherwise.
+
+The fingerprints live in :mod:`msif.models.fingerprint` and the backbone match in
+:mod:`msif.models.backbone`; their names are importable from here too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import os
-import struct
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from msif.models.adapters import TrackedModule
 from ..errors import MsifError
+from .backbone import BackboneMismatchError, backbone_match
+from .fingerprint import FINGERPRINT_SAMPLE, model_fingerprint, tokenizer_fingerprint  # noqa: F401  (re-exported)
 
 TASKS = ("causal_lm", "classification", "auto")
-
-#: at most this many elements of each tracked tensor are hashed value by value (a strided subsample)
-FINGERPRINT_SAMPLE = 65536
-#: elements per chunk when summing a tensor's bit patterns (bounds the temporary memory)
-_SUM_CHUNK = 1 << 24
 
 
 class ModelLoadError(MsifError, OSError):
@@ -38,10 +34,6 @@ class ModelLoadError(MsifError, OSError):
 
 class TokenizerMismatchError(MsifError, ValueError):
     """The tokenizer does not fit the model's vocabulary."""
-
-
-class BackboneMismatchError(MsifError, ValueError):
-    """Two models do not share the tracked backbone that multi-stage influence needs."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,168 +239,6 @@ def load_model_and_tokenizer(
         if pad is not None:
             cfg.pad_token_id = pad
     return model, tokenizer
-
-
-# ----------------------------------------------------------------------------------------------------
-# fingerprint
-# ----------------------------------------------------------------------------------------------------
-
-
-def _tracked_tensors(model: nn.Module, tm: TrackedModule) -> list[tuple[str, torch.Tensor]]:
-    mod = model.get_submodule(tm.name)
-    out = [("weight", mod.weight)]
-    if tm.bias:
-        out.append(("bias", mod.bias))
-    return out
-
-
-def _tensor_digest(t: torch.Tensor) -> tuple[bytes, int]:
-    """(float32 bytes of a strided subsample of at most FINGERPRINT_SAMPLE elements, bit-pattern sum).
-
-    The sum adds the float32 bit patterns of *all* elements as int64 (wrapping on overflow): integer
-    addition is exact and associative, so unlike a floating-point sum it does not depend on the
-    device, the thread count or the reduction order, yet any changed element changes it.
-    """
-    if t.device.type == "meta":
-        raise ValueError("cannot fingerprint a model whose weights are on the meta device (not loaded)")
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    stride = max(1, math.ceil(n / FINGERPRINT_SAMPLE))
-    sample = flat[::stride].to(device="cpu", dtype=torch.float32).contiguous()
-    total = 0
-    for i in range(0, n, _SUM_CHUNK):
-        chunk = flat[i : i + _SUM_CHUNK].to(torch.float32).view(torch.int32).to(torch.int64)
-        total += int(chunk.sum().item())
-    total = (total + (1 << 63)) % (1 << 64) - (1 << 63)
-    return sample.numpy().tobytes(), total
-
-
-def tokenizer_fingerprint(tokenizer) -> str | None:
-    """A short hash (16 hex characters) of a tokenizer's vocabulary (token → id, added tokens included),
-    or ``None`` for an object without ``get_vocab``. Two tokenizers with the same size but another
-    vocabulary differ: factors fitted through one do not describe texts encoded by the other."""
-    import hashlib
-    import json
-
-    vocab = getattr(tokenizer, "get_vocab", None)
-    if vocab is None:
-        return None
-    items = sorted(vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
-
-
-def model_fingerprint(model: nn.Module, tms: Sequence[TrackedModule]) -> str:
-    """A stable short hash (20 hex characters) of a model's tracked backbone.
-
-    It covers ``config.model_type``, the tracked module names, shapes and bias flags, and the values of
-    their weights and biases: for each tensor a deterministic strided subsample of at most
-    :data:`FINGERPRINT_SAMPLE` elements (as float32 bytes) and an exact order-independent checksum of
-    all its elements, so it costs one pass over the tracked weights (no copy to the CPU) and changes
-    when any tracked weight changes. It is equal for the same weights loaded twice, and for a causal
-    LM and a sequence classifier sharing one backbone; untracked parameters (embeddings, heads, norms)
-    and the per-head block split do not enter. The dtype does: the same model in bfloat16 and in
-    float32 has two fingerprints.
-    """
-    cfg = getattr(model, "config", None)
-    model_type = getattr(cfg, "model_type", None) or type(model).__name__
-    h = hashlib.sha256()
-    h.update(f"msif-fingerprint-v1\0{model_type}\0".encode())
-    for tm in sorted(tms, key=lambda t: t.name):
-        h.update(f"{tm.name}\0{tm.out_features}x{tm.in_features}\0bias={int(tm.bias)}\0".encode())
-        for kind, t in _tracked_tensors(model, tm):
-            sample, total = _tensor_digest(t)
-            h.update(f"{kind}\0{tuple(t.shape)}\0".encode())
-            h.update(sample)
-            h.update(struct.pack("<q", total))
-    return h.hexdigest()[:20]
-
-
-# ----------------------------------------------------------------------------------------------------
-# backbone matching
-# ----------------------------------------------------------------------------------------------------
-
-
-def _actual_shape(model: nn.Module, tm: TrackedModule, which: str) -> tuple[int, int]:
-    try:
-        mod = model.get_submodule(tm.name)
-    except AttributeError as e:
-        raise BackboneMismatchError(f"model {which} has no module {tm.name!r} (stale tracked-module list?)") from e
-    w = mod.weight
-    return (w.shape[1], w.shape[0]) if tm.transposed else (w.shape[0], w.shape[1])
-
-
-def _describe(tm: TrackedModule) -> str:
-    return f"weight {tm.out_features}x{tm.in_features}{' + bias' if tm.bias else ''}, {len(tm.blocks)} block(s)"
-
-
-def backbone_match(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    tms_a: Sequence[TrackedModule],
-    tms_b: Sequence[TrackedModule],
-    strict: bool = True,
-) -> list[TrackedModule]:
-    """The tracked modules (with their blocks) that models A and B share, in A's order.
-
-    Modules are matched by name; a shared module must have the same shape, bias, storage layout and
-    block split in both lists, and the lists must agree with the models' actual weights. Typical use:
-    A is the pre-trained causal LM, B the fine-tuned model (a causal LM or a classifier built from it);
-    their embeddings and heads are not tracked, so they may differ.
-
-    With ``strict=True`` (default) every tracked module of either model must be tracked in the other;
-    with ``strict=False`` modules tracked in only one of them are left out (e.g. A tracked with
-    ``modules="mlp"``), as long as at least one is shared.
-
-    Raises:
-        BackboneMismatchError: naming the first mismatch (different architectures, a module tracked
-            in only one model, or a module whose shape or blocks differ).
-    """
-    type_a = getattr(getattr(model_a, "config", None), "model_type", None)
-    type_b = getattr(getattr(model_b, "config", None), "model_type", None)
-    if type_a != type_b:
-        raise BackboneMismatchError(
-            f"backbones do not match: model A is a {type_a!r} model and model B a {type_b!r} model"
-        )
-    by_b = {t.name: t for t in tms_b}
-    names_a = {t.name for t in tms_a}
-    shared = []
-    for ta in tms_a:
-        tb = by_b.get(ta.name)
-        if tb is None:
-            if strict:
-                raise BackboneMismatchError(
-                    f"backbones do not match: module {ta.name!r} is tracked in model A but not in model B"
-                )
-            continue
-        for which, model, t in (("A", model_a, ta), ("B", model_b, tb)):
-            actual = _actual_shape(model, t, which)
-            if actual != (t.out_features, t.in_features):
-                raise BackboneMismatchError(
-                    f"tracked module {t.name!r} of model {which} says {t.out_features}x{t.in_features} but the "
-                    f"model's weight is {actual[0]}x{actual[1]}: recompute the tracked modules for this model"
-                )
-        if (ta.out_features, ta.in_features, ta.bias, ta.transposed) != (
-            tb.out_features, tb.in_features, tb.bias, tb.transposed
-        ) or ta.role != tb.role:
-            raise BackboneMismatchError(
-                f"backbones do not match at module {ta.name!r}: model A has {_describe(ta)} ({ta.role}), "
-                f"model B has {_describe(tb)} ({tb.role})"
-            )
-        if ta.blocks != tb.blocks:
-            raise BackboneMismatchError(
-                f"backbones do not match at module {ta.name!r}: its blocks differ (model A: {len(ta.blocks)}, "
-                f"model B: {len(tb.blocks)}); track both models with the same per_head setting"
-            )
-        shared.append(ta)
-    if strict:
-        for tb in tms_b:
-            if tb.name not in names_a:
-                raise BackboneMismatchError(
-                    f"backbones do not match: module {tb.name!r} is tracked in model B but not in model A"
-                )
-    if not shared:
-        raise BackboneMismatchError("backbones do not match: the two models share no tracked module")
-    return shared
 
 
 __all__ = [

@@ -66,7 +66,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from msif.worldfacts.corpus import CorpusConfig, WorldCorpus
+from msif.worldfacts.corpus_types import CorpusConfig, WorldCorpus
 from msif.worldfacts.documents import (
     Sentence,
     add_filler_and_shuffle,
@@ -76,6 +76,7 @@ from msif.worldfacts.documents import (
 )
 from msif.worldfacts.entities import extract_entities
 from msif.worldfacts.facts import Fact, assign_splits, extract_facts
+from msif.worldfacts.hard_stats import HARD_VERSION, hard_stats
 from msif.worldfacts.hard_sentences import HardContext, entity_sentences, fact_statements, negative_sentences
 from msif.worldfacts.hard_templates import ALIAS_INTROS, CONTRAST, CONTRAST_PROB, HARD_TEMPLATES
 from msif.worldfacts.references import DERIVED_REFERENCES, MAX_ALIASES, extract_aliases, extract_references, usable_references
@@ -89,8 +90,6 @@ __all__ = [
     "QUESTION_STOPWORDS", "has_word", "is_variant", "question_words", "uses_question_words",
 ]
 
-#: Bump when the hard world's generation changes (part of a hard world's cache hash).
-HARD_VERSION = "1"
 
 #: Characters of a document's sentences before filler (references make statements longer than the
 #: standard world's; this keeps documents about as long as there).
@@ -190,29 +189,3 @@ def _mixed_fits(doc: list[Sentence], s: Sentence) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Statistics
 # --------------------------------------------------------------------------------------------------
-
-
-def hard_stats(corpus: WorldCorpus) -> dict:
-    """How hard the sources are: shares of source documents without the subject's name, and of
-    statements with neither the subject's name nor a question word."""
-    text = {d["id"]: d["text"] for d in corpus.documents}
-    n_src = unnamed = plain = contrasts = with_indirect = 0
-    for f in corpus.facts:
-        k = 0
-        for did, st in zip(f.sources, f.statements):
-            n_src += 1
-            k += not has_word(text[did], f.subject)
-            plain += not has_word(st, f.subject) and not uses_question_words(st, f.relation)
-            contrasts += st.startswith("Unlike ")
-        unnamed += k
-        with_indirect += k > 0
-    return {
-        "hard_version": HARD_VERSION,
-        "entities_with_references": len(corpus.references),
-        "facts_with_sources_without_subject_name": with_indirect,
-        "sources": n_src,
-        "sources_without_subject_name": unnamed,
-        "share_sources_without_subject_name": unnamed / max(1, n_src),
-        "share_statements_without_name_or_question_words": plain / max(1, n_src),
-        "contrast_statements": contrasts,
-    }
