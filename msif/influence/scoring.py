@@ -202,30 +202,27 @@ def _contract_subsets(a: torch.Tensor, s: torch.Tensor, U: "Split", tm: TrackedM
 
 
 def _subset_plan(groups: list, batch: Batch) -> list:
-    """Per group ``(query rows, wanted dataset indices as a bool mask)``: the batch positions it wants."""
+    """Per group ``(query rows, its wanted dataset indices, sorted)``: the batch positions it wants."""
     idx = batch.indices.to("cpu")
     plan = []
-    for rows, mask in groups:
-        ok = idx < mask.numel()
-        pos = torch.nonzero(ok & mask[idx.clamp(max=mask.numel() - 1)]).flatten()
+    for rows, wanted in groups:
+        pos = torch.nonzero(torch.isin(idx, wanted)).flatten()
         if pos.numel():
             plan.append((rows, pos.to(batch.input_ids.device)))
     return plan
 
 
 def subset_groups(subsets: Sequence[Sequence[int]]) -> list:
-    """Query rows grouped by identical candidate sets: ``[(rows, bool mask over dataset indices)]``;
-    rows are a slice when the group's rows are contiguous (no copy of their query vectors)."""
+    """Query rows grouped by identical candidate sets: ``[(rows, sorted int64 tensor of the set)]`` (memory
+    of the sets themselves, not of the corpus); rows are a slice when the group's rows are contiguous
+    (no copy of their query vectors)."""
     by_set: dict[tuple, list[int]] = {}
     for q, sub in enumerate(subsets):
         by_set.setdefault(tuple(sorted({int(i) for i in sub})), []).append(q)
-    n = 1 + max((max(k) for k in by_set if k), default=-1)
     out = []
     for key, qs in by_set.items():
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[list(key)] = True
         rows = slice(qs[0], qs[-1] + 1) if qs == list(range(qs[0], qs[-1] + 1)) else torch.tensor(qs)
-        out.append((rows, mask))
+        out.append((rows, torch.tensor(key, dtype=torch.int64)))
     return out
 
 
